@@ -1,0 +1,352 @@
+"""ConceptStreamingDataset: MDS schema v1 samples with encoded images, captions and concept ids.
+
+The dataset is the first stage of the CABS data flow (ARCHITECTURE.md): it hands out each sample
+with its image still ENCODED (decision 2, deferred decoding: only the images the selection policy
+keeps are ever decoded, by ``cabs_streaming.decode``), the chosen caption, optional caption tokens
+and the sample's concept ids. ``ConceptCollator`` packs a superbatch of such samples into the
+ragged concept-id form the selection engine takes.
+
+Everything here is deterministic in (shuffle seed, epoch, global sample index), so a resumed run
+sees exactly the samples and captions the uninterrupted run would have seen. Nothing here imports
+Composer: the dataset is a plain ``streaming.StreamingDataset`` and is what Composer checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from streaming import StreamingDataset
+from streaming.base.storage import CloudDownloader
+from streaming.base.util import retry
+
+from cabs_streaming.concepts import (
+    VOCABULARY_FILENAME,
+    Vocabulary,
+    decode_concepts,
+    ragged_from_lists,
+)
+
+__all__ = [
+    "CaptionTokenizer",
+    "ConceptCollator",
+    "ConceptStreamingDataset",
+    "collate_concepts",
+    "num_samples_in_batch",
+]
+
+#: Accepted values of ``caption`` besides a probability.
+CAPTION_CHOICES = ("caption", "recaption")
+
+
+def _validate_caption(caption: str | float) -> str | float:
+    """Check the ``caption`` argument early, so a typo fails at construction, not in a worker."""
+    if isinstance(caption, str):
+        if caption not in CAPTION_CHOICES:
+            raise ValueError(
+                f"caption={caption!r} is not valid: use 'caption', 'recaption' or a probability "
+                "in [0, 1] of using the recaption"
+            )
+        return caption
+    if isinstance(caption, bool) or not isinstance(caption, int | float):
+        raise TypeError(f"caption must be 'caption', 'recaption' or a float, got {caption!r}")
+    if not 0.0 <= float(caption) <= 1.0:
+        raise ValueError(f"caption probability must lie in [0, 1], got {caption}")
+    return float(caption)
+
+
+class CaptionTokenizer:
+    """A picklable, lazily built open_clip tokenizer, named rather than carried.
+
+    open_clip's BPE tokenizer pickles to about 2 MB, and DataLoader workers receive a pickled copy
+    of the dataset and collate function; holding only the name and building the tokenizer on first
+    use in each process keeps worker start-up cheap. Calling it maps a list of captions to a
+    ``LongTensor [n, context_length]``. Use it in the dataset (tokenize every drawn caption) or
+    after selection (tokenize only the kept captions; the dataset then runs with
+    ``tokenizer=None`` and the captions travel as strings).
+    """
+
+    def __init__(self, name: str, context_length: int | None = None) -> None:
+        self.name = name
+        self._requested_context_length = context_length
+        self._tokenizer: Callable[..., torch.Tensor] | None = None
+
+    def _get(self) -> Callable[..., torch.Tensor]:
+        if self._tokenizer is None:
+            import open_clip  # heavy import: only in processes that tokenize
+
+            self._tokenizer = open_clip.get_tokenizer(
+                self.name, context_length=self._requested_context_length
+            )
+        return self._tokenizer
+
+    @property
+    def context_length(self) -> int:
+        """Token sequence length of every output row."""
+        return int(self._get().context_length)
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        """Tokenize ``captions`` into a ``LongTensor [len(captions), context_length]``."""
+        return self._get()(list(captions)).long()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_tokenizer"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name!r}, "
+            f"context_length={self._requested_context_length!r})"
+        )
+
+
+def _as_tokenizer(
+    tokenizer: str | CaptionTokenizer | None, context_length: int | None
+) -> CaptionTokenizer | None:
+    if tokenizer is None or isinstance(tokenizer, CaptionTokenizer):
+        return tokenizer
+    return CaptionTokenizer(tokenizer, context_length=context_length)
+
+
+class ConceptStreamingDataset(StreamingDataset):
+    """A ``StreamingDataset`` over MDS schema v1 that keeps images encoded for deferred decoding.
+
+    Each sample is a dict:
+
+    - ``key`` (str): the unique sample id.
+    - ``image`` (bytes): the encoded image file exactly as stored; decode only what you keep
+      (``cabs_streaming.decode.ImageDecoder``).
+    - ``caption`` (str): the chosen caption (see ``caption`` below), always present so that
+      tokenization can be deferred to the kept samples.
+    - ``text`` (``LongTensor [context_length]``): the tokenized caption, only when ``tokenizer``
+      is set.
+    - ``concepts`` (``np.ndarray`` int32): the sample's concept ids, a writable copy.
+
+    Args:
+        caption: ``"caption"`` (alt-text), ``"recaption"`` (the synthetic caption, falling back
+            to the alt-text where a sample has none) or a probability ``p`` of using the
+            recaption where it is non-empty. The draw is
+            ``numpy.random.default_rng([shuffle_seed, sample_index, epoch]).random() < p``: the
+            same for every rank, worker count and resumption, different across epochs.
+        tokenizer: an open_clip model or tokenizer name (``"ViT-B-32"``) to tokenize captions in
+            the loader, or ``None`` to leave them as strings (tokenize after selection with
+            ``CaptionTokenizer`` or ``ConceptCollator(tokenizer=...)``).
+        context_length: token length override for ``tokenizer``.
+        **kwargs: every ``streaming.StreamingDataset`` argument (``remote``, ``local``,
+            ``streams``, ``batch_size``, ``shuffle``, ``shuffle_seed``, ...). ``batch_size`` must
+            equal the per-rank DataLoader batch size, which for CABS is the superbatch size.
+
+    Where the epoch and seed come from: streaming 0.13 counts epochs in shared memory and each
+    ``__iter__`` (in each DataLoader worker) resolves its epoch in ``_resume_incr_epoch``, which
+    also restores ``shuffle_seed`` from a loaded checkpoint state. We record that epoch per
+    process (``current_epoch``); ``shuffle_seed`` is the dataset's attribute. Outside iteration
+    (random access ``dataset[i]``) the epoch is the one last started on this node, 0 before any.
+
+    The vocabulary (``vocabulary.json`` beside each stream's ``index.json``) is read from the
+    stream's local directory, or downloaded there from its remote, and exposed as
+    ``.vocabulary``. With several streams, all must carry the same vocabulary, because concept ids
+    from different streams are compared by the selection policy.
+    """
+
+    def __init__(
+        self,
+        *,
+        caption: str | float = "caption",
+        tokenizer: str | CaptionTokenizer | None = None,
+        context_length: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.caption = _validate_caption(caption)
+        self.tokenizer = _as_tokenizer(tokenizer, context_length)
+        super().__init__(**kwargs)
+        self._current_epoch: int | None = None
+        self.vocabulary = self._load_vocabulary()
+
+    # ----------------------------------------------------------------------------------------
+    # Vocabulary
+    # ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _stream_name(stream: Any) -> str:
+        where = stream.remote if stream.remote else stream.local
+        return os.path.join(where, stream.split) if stream.split else where
+
+    def _read_stream_vocabulary(self, stream: Any) -> Vocabulary:
+        """Read a stream's vocabulary from local, downloading it from remote when absent."""
+        local = os.path.join(stream.local, stream.split, VOCABULARY_FILENAME)
+        if not os.path.exists(local):
+            if not stream.remote:
+                raise FileNotFoundError(
+                    f"{local} does not exist and the stream has no remote: every MDS dataset "
+                    f"needs a {VOCABULARY_FILENAME} beside its index.json (write it with "
+                    "tools/convert_to_mds.py or Vocabulary.save)"
+                )
+            remote = os.path.join(stream.remote, stream.split, VOCABULARY_FILENAME)
+            # Every rank and process may get here at once on a shared local dir: download to a
+            # private name and rename atomically, so nobody reads a half-written file.
+            tmp = f"{local}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+            try:
+                retry(num_attempts=max(1, stream.download_retry))(
+                    lambda: CloudDownloader.direct_download(
+                        remote, tmp, timeout=stream.download_timeout
+                    )
+                )()
+            except Exception as err:
+                raise FileNotFoundError(
+                    f"could not download {remote} to {local} ({err}); every MDS dataset needs a "
+                    f"{VOCABULARY_FILENAME} beside its index.json (tools/convert_to_mds.py "
+                    "writes it)"
+                ) from err
+            os.replace(tmp, local)
+        with open(local, encoding="utf-8") as f:
+            return Vocabulary.from_json(f.read(), source=local)
+
+    def _load_vocabulary(self) -> Vocabulary:
+        first = self.streams[0]
+        vocabulary = self._read_stream_vocabulary(first)
+        for stream in self.streams[1:]:
+            other = self._read_stream_vocabulary(stream)
+            if other.names != vocabulary.names:
+                diff = next(
+                    (
+                        i
+                        for i, (a, b) in enumerate(zip(vocabulary.names, other.names, strict=False))
+                        if a != b
+                    ),
+                    min(len(vocabulary), len(other)),
+                )
+                raise ValueError(
+                    f"streams {self._stream_name(first)!r} ({len(vocabulary)} concepts) and "
+                    f"{self._stream_name(stream)!r} ({len(other)} concepts) have different "
+                    f"vocabularies (first difference at id {diff}); concept ids must mean the "
+                    "same thing in every stream of a mixture: re-tag or remap one of them"
+                )
+        return vocabulary
+
+    # ----------------------------------------------------------------------------------------
+    # Epoch tracking
+    # ----------------------------------------------------------------------------------------
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        # Streaming resolves the epoch (and restores ``shuffle_seed`` from a loaded state) here,
+        # at the start of each ``__iter__`` in each worker; the shared ``next_epoch`` counter is
+        # only advanced by the local leader after a barrier, so reading it from ``get_item``
+        # could race. Recording the resolved epoch per process is exact.
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._current_epoch = epoch
+        return epoch, sample_in_epoch
+
+    @property
+    def current_epoch(self) -> int:
+        """The epoch this process is iterating (or last started on this node, for ``ds[i]``)."""
+        if self._current_epoch is not None:
+            return self._current_epoch
+        return max(self.next_epoch - 1, 0)
+
+    # ----------------------------------------------------------------------------------------
+    # Samples
+    # ----------------------------------------------------------------------------------------
+
+    def choose_caption(self, sample_index: int, caption: str, recaption: str) -> str:
+        """Pick the caption a sample trains with, deterministic in (seed, sample index, epoch)."""
+        if self.caption == "caption" or not recaption:
+            return caption
+        if self.caption == "recaption":
+            return recaption
+        p = float(self.caption)
+        if p <= 0.0:
+            return caption
+        if p >= 1.0:
+            return recaption
+        rng = np.random.default_rng([self.shuffle_seed, sample_index, self.current_epoch])
+        return recaption if rng.random() < p else caption
+
+    def _shard_name(self, sample_index: int) -> str:
+        """Human-readable shard path for error messages (remote if any, else local)."""
+        shard_id, _ = self.spanner[sample_index]
+        stream = self.streams[int(self.stream_per_shard[shard_id])]
+        shard = self.shards[shard_id]
+        basename = getattr(getattr(shard, "raw_data", None), "basename", f"shard {shard_id}")
+        return os.path.join(self._stream_name(stream), basename)
+
+    def get_item(self, idx: int, retry: int = 7) -> dict[str, Any]:
+        """Sample ``idx`` (a global index) with its image still encoded; see the class docs."""
+        raw = super().get_item(idx, retry=retry)
+        key = raw["key"]
+        try:
+            concepts = decode_concepts(raw["concepts"])
+        except ValueError as err:
+            raise ValueError(
+                f"sample {key!r} (index {idx}) in shard {self._shard_name(idx)}: {err}"
+            ) from err
+        caption = self.choose_caption(idx, raw["caption"], raw.get("recaption") or "")
+        sample: dict[str, Any] = {
+            "key": key,
+            "image": raw["image"],
+            "caption": caption,
+            "concepts": concepts,
+        }
+        if self.tokenizer is not None:
+            sample["text"] = self.tokenizer([caption])[0]
+        return sample
+
+
+class ConceptCollator:
+    """Collate ``ConceptStreamingDataset`` samples into a superbatch for selection.
+
+    The batch is a dict:
+
+    - ``keys`` (list[str]), ``image_bytes`` (list[bytes], still encoded), ``captions`` (list[str]);
+    - ``text`` (``LongTensor [n, context_length]``) when samples carry tokens, or when this
+      collator was given a ``tokenizer`` (tokenizing in the loader's workers);
+    - ``concept_offsets`` (``torch.int64 [n + 1]``) and ``concept_ids`` (``torch.int32 [nnz]``):
+      the ragged CSR form of ``cabs_streaming.concepts``; sample ``i`` has
+      ``concept_ids[concept_offsets[i]:concept_offsets[i + 1]]``.
+
+    The ragged arrays are torch tensors, not numpy, so that they survive DataLoader
+    ``pin_memory``, Composer's ``batch_to_device`` and ``torch.distributed`` all-gathers as they
+    are; ``.numpy()`` on CPU is zero-copy for the policy. Lists are not tensors, so Composer's
+    default sample counter cannot size this batch: give the DataSpec
+    ``get_num_samples_in_batch=num_samples_in_batch``.
+
+    A class rather than a closure so it pickles into DataLoader workers.
+    """
+
+    def __init__(
+        self, tokenizer: str | CaptionTokenizer | None = None, context_length: int | None = None
+    ) -> None:
+        self.tokenizer = _as_tokenizer(tokenizer, context_length)
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Pack ``samples``; per-sample Python work is list building only."""
+        captions = [s["caption"] for s in samples]
+        offsets, ids = ragged_from_lists([s["concepts"] for s in samples])
+        batch: dict[str, Any] = {
+            "keys": [s["key"] for s in samples],
+            "image_bytes": [s["image"] for s in samples],
+            "captions": captions,
+            "concept_offsets": torch.from_numpy(offsets),
+            "concept_ids": torch.from_numpy(ids),
+        }
+        if samples and "text" in samples[0]:
+            batch["text"] = torch.stack([s["text"] for s in samples])
+        elif self.tokenizer is not None:
+            batch["text"] = self.tokenizer(captions)
+        return batch
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tokenizer={self.tokenizer!r})"
+
+
+#: Collate without tokenizing in the collator (tokens, if any, come from the dataset).
+collate_concepts = ConceptCollator()
+
+
+def num_samples_in_batch(batch: dict[str, Any]) -> int:
+    """Superbatch size of a collated batch, for Composer's ``DataSpec.get_num_samples_in_batch``."""
+    return len(batch["keys"])
