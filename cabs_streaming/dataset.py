@@ -241,6 +241,22 @@ class ConceptStreamingDataset(StreamingDataset):
         self._current_epoch = epoch
         return epoch, sample_in_epoch
 
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        """Resume position, correct at epoch boundaries too (see ``StreamingDataset.state_dict``).
+
+        Composer calls ``state_dict(timestamp.sample_in_epoch, from_beginning=True)``, and after an
+        epoch ends its ``sample_in_epoch`` is already 0 while streaming still reports the finished
+        epoch (``next_epoch - 1``); streaming would then resume by replaying that whole epoch.
+        With ``from_beginning=True``, ``num_samples == 0`` means nothing of the coming epoch has
+        been drawn, so we record the start of the epoch the next ``__iter__`` would draw. A state
+        loaded but not yet iterated is passed through unchanged.
+        """
+        obj = super().state_dict(num_samples, from_beginning)
+        next_epoch = self.next_epoch
+        if from_beginning and num_samples == 0 and obj["epoch"] == next_epoch - 1:
+            obj["epoch"] = next_epoch
+        return obj
+
     @property
     def current_epoch(self) -> int:
         """The epoch this process is iterating (or last started on this node, for ``ds[i]``)."""
