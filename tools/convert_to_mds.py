@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Convert WebDataset tars, parquet files or a JSONL manifest into MDS shards (schema v1).
+
+A thin command line over :func:`cabs_streaming.convert.convert`; ``--help`` lists the options and
+the module docstring of ``cabs_streaming/convert.py`` explains the design. Example::
+
+    python tools/convert_to_mds.py --input shards/ --format webdataset --out s3://bucket/mds
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    from cabs_streaming.convert import main
+except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from cabs_streaming.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main())
