@@ -39,7 +39,9 @@ def encode_concepts(ids: Iterable[int] | np.ndarray) -> bytes:
     """Encode concept ids as the little-endian int32 bytes of the ``concepts`` MDS column."""
     arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
     if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
-        raise ValueError(f"concept ids must lie in [0, 2**31): got min {arr.min()}, max {arr.max()}")
+        raise ValueError(
+            f"concept ids must lie in [0, 2**31): got min {arr.min()}, max {arr.max()}"
+        )
     return arr.astype(CONCEPT_DTYPE, copy=False).tobytes()
 
 
@@ -93,7 +95,9 @@ class Vocabulary:
         self._index = {}
         for i, name in enumerate(self.names):
             if not isinstance(name, str) or not name:
-                raise ValueError(f"concept {i} has an invalid name {name!r}: names are non-empty str")
+                raise ValueError(
+                    f"concept {i} has an invalid name {name!r}: names are non-empty str"
+                )
             if name in self._index:
                 raise ValueError(
                     f"concept name {name!r} appears twice (ids {self._index[name]} and {i}); "
@@ -112,7 +116,9 @@ class Vocabulary:
         try:
             return self._index[name]
         except KeyError:
-            raise KeyError(f"concept {name!r} is not in the vocabulary ({len(self)} names)") from None
+            raise KeyError(
+                f"concept {name!r} is not in the vocabulary ({len(self)} names)"
+            ) from None
 
     def get(self, name: str, default: int | None = None) -> int | None:
         """Id of ``name`` or ``default``."""
@@ -137,7 +143,8 @@ class Vocabulary:
 
     def to_json(self) -> str:
         """Serialise as ``vocabulary.json`` text."""
-        return json.dumps({"version": VOCABULARY_VERSION, "concepts": self.names}, ensure_ascii=False)
+        payload = {"version": VOCABULARY_VERSION, "concepts": self.names}
+        return json.dumps(payload, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "vocabulary.json") -> Vocabulary:
