@@ -148,9 +148,14 @@ class ConceptStreamingDataset(StreamingDataset):
     (random access ``dataset[i]``) the epoch is the one last started on this node, 0 before any.
 
     The vocabulary (``vocabulary.json`` beside each stream's ``index.json``) is read from the
-    stream's local directory, or downloaded there from its remote, and exposed as
-    ``.vocabulary``. With several streams, all must carry the same vocabulary, because concept ids
-    from different streams are compared by the selection policy.
+    stream's local directory, or downloaded there from its remote with streaming's own downloader
+    (``CloudDownloader.direct_download``, with the stream's retry and timeout; streaming 0.13 has
+    no ``download_file`` function), and exposed as ``.vocabulary``. With several streams, all must
+    carry the same vocabulary, because concept ids from different streams are compared by the
+    selection policy.
+
+    Resumption is streaming's (``state_dict`` / ``load_state_dict`` on a fresh instance), with one
+    fix for the state Composer saves at an epoch boundary; see ``state_dict``.
     """
 
     def __init__(
