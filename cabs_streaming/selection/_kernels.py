@@ -1,0 +1,449 @@
+"""Compiled kernels of the selection engine (numba, single-threaded, cached on disk).
+
+Everything here works on the ragged CSR form of a superbatch: ``offsets`` int64 ``[N + 1]`` and
+``ids`` int32 ``[nnz]``, rank-major. The kernels are O(nnz) preprocessing plus an exact lazy
+greedy on a monotone bucket queue; no per-sample sorting and no Python loop over samples. They
+are private: the policies in this package wrap them with validation and documentation.
+
+The machine they must be fast on has small, slow caches relative to the data (a superbatch of
+20k samples touches a few MB), so the hot loops are written to touch few cache lines: per-concept
+state lives in one packed table row, bucket contents are contiguous where they can be, and
+branches on data are avoided where it is cheap.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+#: Columns of the packed per-concept table: count so far, target ``t_c``, ``1 / F_c``.
+_COUNT, _TARGET, _INV_FREQ = 0, 1, 2
+#: Buckets of the monotone priority queue of :func:`lazy_greedy`.
+_BUCKETS = 16384
+#: No gain exceeds 2: a term is at most ``(t - 0) / t + 1 / 1``.
+_MAX_GAIN = 2.0
+
+
+@_jit
+def distinct_lists(offsets: np.ndarray, ids: np.ndarray, num_concepts: int):
+    """Per-sample distinct concepts (first-appearance order) and superbatch document frequency.
+
+    Returns ``(d_offsets, d_ids, doc_freq)``: the CSR of ``C_g = set(L_g)`` keeping each id's first
+    occurrence, and ``F_c`` = number of samples whose ``C_g`` contains ``c``. One pass with a
+    "last sample seen" marker per concept, so it is O(nnz + num_concepts) with no sorting.
+    """
+    n = offsets.shape[0] - 1
+    last = np.full(num_concepts, -1, dtype=np.int32)
+    doc_freq = np.zeros(num_concepts, dtype=np.int32)
+    d_offsets = np.zeros(n + 1, dtype=np.int64)
+    d_ids = np.empty(ids.shape[0], dtype=np.int32)
+    pos = 0
+    for g in range(n):
+        mark = np.int32(g)
+        for e in range(offsets[g], offsets[g + 1]):
+            c = ids[e]
+            new = last[c] != mark  # branch-free: repeats are frequent and unpredictable
+            last[c] = mark
+            doc_freq[c] += new
+            d_ids[pos] = c
+            pos += new
+        d_offsets[g + 1] = pos
+    return d_offsets, d_ids[:pos], doc_freq
+
+
+@_jit
+def concept_table(doc_freq: np.ndarray, b: int, cap: int):
+    """Targets ``t_c`` of CABS_SPEC packed with ``1 / F_c``; returns ``(table, K)``.
+
+    ``table`` is ``float64 [V, 4]``: count (0), ``t_c``, ``1 / F_c``, padding; one 32-byte row
+    per concept means one cache line per concept visit in the greedy instead of three, and
+    counts and targets are small integers, exact in float64. Absent concepts get zeros.
+
+    Targets: ``base = min(b // K, M)``; the ``b mod K`` present concepts with the lowest ids get
+    ``+1`` while ``base < M``; each is clamped to ``[1, M]``; if they sum to more than ``b`` they
+    are rescaled to ``max(1, min(floor(t_c * b / sum), M))``.
+    """
+    v = doc_freq.shape[0]
+    table = np.zeros((v, 4), dtype=np.float64)
+    present = 0
+    for c in range(v):
+        present += doc_freq[c] > 0
+    if present == 0:
+        return table, 0
+    base = min(b // present, cap)
+    extra = b % present if base < cap else 0
+    total = 0
+    for c in range(v):
+        if doc_freq[c] > 0:
+            t = base
+            if extra > 0:
+                t += 1
+                extra -= 1
+            t = min(max(t, 1), cap)
+            table[c, _TARGET] = t
+            table[c, _INV_FREQ] = 1.0 / doc_freq[c]
+            total += t
+    if total > b:
+        for c in range(v):
+            scaled = np.int64(table[c, _TARGET]) * b
+            if scaled >= total:
+                table[c, _TARGET] = min(scaled // total, cap)
+            elif scaled > 0:  # floor(t_c * b / sum) is 0: max(1, 0)
+                table[c, _TARGET] = 1.0
+    return table, present
+
+
+@_jit
+def _sift_down(heap: np.ndarray, size: int, pos: int) -> None:
+    """Restore the max-heap below ``pos``.
+
+    Rows are (gain, index), higher gain first, ties to the lower index; indices are exact float64
+    integers so that a node is one contiguous row.
+    """
+    gain = heap[pos, 0]
+    idx = heap[pos, 1]
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        right = child + 1
+        if right < size and (
+            heap[right, 0] > heap[child, 0]
+            or (heap[right, 0] == heap[child, 0] and heap[right, 1] < heap[child, 1])
+        ):
+            child = right
+        if not (heap[child, 0] > gain or (heap[child, 0] == gain and heap[child, 1] < idx)):
+            break
+        heap[pos, 0] = heap[child, 0]
+        heap[pos, 1] = heap[child, 1]
+        pos = child
+    heap[pos, 0] = gain
+    heap[pos, 1] = idx
+
+
+@_jit
+def _pop(heap: np.ndarray, size: int) -> int:
+    """Remove the top row; returns the new size."""
+    size -= 1
+    heap[0, 0] = heap[size, 0]
+    heap[0, 1] = heap[size, 1]
+    _sift_down(heap, size, 0)
+    return size
+
+
+@_jit
+def _gain(
+    g: int, offsets: np.ndarray, ids: np.ndarray, table: np.ndarray, cap: float, over_value: float
+) -> float:
+    """Gain of sample ``g`` under the current counts, or NaN when a concept is at the cap.
+
+    Terms are summed in list order so that a re-evaluation with unchanged counts reproduces the
+    stored gain bit for bit (the lazy greedy relies on it). ``(t - n) / t`` in float64 equals the
+    correctly rounded quotient of the integers, as in a plain Python transcription of the spec.
+    """
+    start = offsets[g]
+    end = offsets[g + 1]
+    total = 0.0
+    for e in range(start, end):
+        c = ids[e]
+        n_c = table[c, _COUNT]
+        if n_c >= cap:
+            return np.nan
+        t_c = table[c, _TARGET]
+        if n_c < t_c:
+            total += (t_c - n_c) / t_c + table[c, _INV_FREQ]
+        else:
+            total += over_value
+    return total / (end - start)
+
+
+@_jit
+def _eligible(g: int, offsets: np.ndarray, ids: np.ndarray, table: np.ndarray, cap: float) -> bool:
+    for e in range(offsets[g], offsets[g + 1]):
+        if table[ids[e], _COUNT] >= cap:
+            return False
+    return True
+
+
+@_jit
+def _take(g: int, offsets: np.ndarray, ids: np.ndarray, table: np.ndarray, kept: np.ndarray):
+    kept[g] = True
+    for e in range(offsets[g], offsets[g + 1]):
+        table[ids[e], _COUNT] += 1.0
+
+
+@_jit
+def _bucket(gain: float, low: float, scale: float) -> int:
+    """Monotone map of a gain to a bucket: a higher gain never lands in a lower bucket."""
+    b = int((gain - low) * scale)
+    if b < 0:
+        return 0
+    if b >= _BUCKETS:
+        return _BUCKETS - 1
+    return b
+
+
+@_jit
+def _admit(
+    h: int,
+    first: int,
+    offsets: np.ndarray,
+    ids: np.ndarray,
+    n_per_rank: int,
+    quota: np.ndarray,
+    table: np.ndarray,
+    cap: float,
+    over_value: float,
+    low: float,
+    scale: float,
+    active: int,
+    stored: np.ndarray,
+    link: np.ndarray,
+    head: np.ndarray,
+    heap: np.ndarray,
+    size: int,
+) -> int:
+    """Bring entry ``h`` of the opening bucket up to date; returns the heap size.
+
+    The entry is dropped if ineligible, re-parked if its gain fell below the bucket, else added
+    to the open heap.
+
+    Re-evaluating here, once per entry, is cheaper than heap-inserting stale entries only to pop
+    and park them again when they surface.
+    """
+    g = first + h
+    if quota[g // n_per_rank] == 0:
+        return size
+    gain = _gain(g, offsets, ids, table, cap, over_value)
+    if gain != gain:
+        return size
+    b = _bucket(gain, low, scale)
+    if b == active:
+        heap[size, 0] = gain
+        heap[size, 1] = g
+        return size + 1
+    stored[h] = gain
+    link[h] = head[b]
+    head[b] = h
+    return size
+
+
+@_jit
+def lazy_greedy(
+    offsets: np.ndarray,
+    ids: np.ndarray,
+    first: int,
+    stop: int,
+    n_per_rank: int,
+    quota: np.ndarray,
+    table: np.ndarray,
+    cap: int,
+    over_value: float,
+    kept: np.ndarray,
+) -> int:
+    """Exact greedy over samples ``first..stop-1``, recording picks in ``kept`` (bool, global).
+
+    Each sample's list ``ids[offsets[g]:offsets[g+1]]`` is what counts and divides: distinct
+    concepts in the default form, instances in ``official_compat``. A pick adds 1 to the count
+    (column ``_COUNT`` of ``table``, updated in place) per list entry and takes one unit of
+    ``quota[g // n_per_rank]``. A sample is eligible while its rank has quota and none of its
+    concepts has reached ``cap``; both only ever get worse, and gains only fall as counts rise.
+    Samples with an empty list never enter. Returns the number of picks.
+
+    The queue is a monotone bucket queue: gains map to ``_BUCKETS`` ordered buckets, and only the
+    highest non-empty bucket is held in an exact (gain desc, index asc) heap. Re-evaluated gains
+    only fall, so entries only move to the open bucket or a lower one, and the open bucket's heap
+    top, re-evaluated and found unchanged, is the exact arg-max with ties to the lower index.
+    Entries are re-evaluated when their bucket opens (:func:`_admit`): ineligible ones are dropped
+    for good, stale ones re-parked lower. Initial entries sit in contiguous per-bucket segments
+    (a counting sort); re-parked ones in linked lists.
+    When ``over_value == 0`` gains are never negative, so once the best stored gain is 0 every
+    remaining eligible sample has gain exactly 0 and the order is plain index order: the rest is a
+    linear scan.
+    """
+    local = stop - first
+    fcap = float(cap)
+    low = over_value if over_value < 0.0 else 0.0
+    scale = _BUCKETS / (_MAX_GAIN - low)
+
+    # Initial gains, then a counting sort of the candidates into contiguous bucket segments.
+    stored = np.empty(local, dtype=np.float64)
+    bucket_of = np.full(local, -1, dtype=np.int32)
+    segment = np.zeros(_BUCKETS + 1, dtype=np.int64)
+    for h in range(local):
+        g = first + h
+        if offsets[g + 1] > offsets[g]:
+            gain = _gain(g, offsets, ids, table, fcap, over_value)
+            stored[h] = gain
+            b = _bucket(gain, low, scale)
+            bucket_of[h] = b
+            segment[b + 1] += 1
+    for b in range(_BUCKETS):
+        segment[b + 1] += segment[b]
+    cursor = segment[:-1].copy()
+    members = np.empty(segment[_BUCKETS], dtype=np.int64)
+    for h in range(local):
+        b = bucket_of[h]
+        if b >= 0:
+            members[cursor[b]] = h
+            cursor[b] += 1
+    link = np.empty(local, dtype=np.int64)
+    head = np.full(_BUCKETS, -1, dtype=np.int64)
+
+    heap = np.empty((local, 2), dtype=np.float64)
+    size = 0
+    active = _BUCKETS
+    remaining = 0
+    for r in range(quota.shape[0]):
+        remaining += quota[r]
+    picks = 0
+    zero_phase = False
+    while remaining > 0:
+        if size == 0:  # open the next non-empty bucket into the heap
+            active -= 1
+            while active >= 0 and head[active] == -1 and segment[active] == segment[active + 1]:
+                active -= 1
+            if active < 0:
+                break
+            for m in range(segment[active], segment[active + 1]):
+                size = _admit(
+                    members[m], first, offsets, ids, n_per_rank, quota, table, fcap, over_value,
+                    low, scale, active, stored, link, head, heap, size,
+                )
+            h = head[active]
+            head[active] = -1
+            while h != -1:
+                following = link[h]
+                size = _admit(
+                    h, first, offsets, ids, n_per_rank, quota, table, fcap, over_value,
+                    low, scale, active, stored, link, head, heap, size,
+                )
+                h = following
+            for pos in range((size - 2) // 2, -1, -1):
+                _sift_down(heap, size, pos)
+            continue
+        top = heap[0, 0]
+        if top == 0.0 and over_value == 0.0:
+            zero_phase = True
+            break
+        g = np.int64(heap[0, 1])
+        rank = g // n_per_rank
+        gain = np.nan
+        if quota[rank] > 0:
+            gain = _gain(g, offsets, ids, table, fcap, over_value)
+        if gain != gain:  # rank full or a concept at the cap: ineligible for good
+            size = _pop(heap, size)
+        elif gain >= top:  # unchanged since stored: the true maximum
+            size = _pop(heap, size)
+            _take(g, offsets, ids, table, kept)
+            quota[rank] -= 1
+            remaining -= 1
+            picks += 1
+        else:
+            b = _bucket(gain, low, scale)
+            if b == active:  # still in the open bucket: let it sink
+                heap[0, 0] = gain
+                _sift_down(heap, size, 0)
+            else:  # park it in its lower bucket
+                size = _pop(heap, size)
+                h = g - first
+                stored[h] = gain
+                link[h] = head[b]
+                head[b] = h
+
+    if zero_phase:  # every remaining eligible sample has gain 0: index order
+        for g in range(first, stop):
+            if remaining == 0:
+                break
+            rank = g // n_per_rank
+            if (
+                not kept[g]
+                and offsets[g + 1] > offsets[g]
+                and quota[rank] > 0
+                and _eligible(g, offsets, ids, table, fcap)
+            ):
+                _take(g, offsets, ids, table, kept)
+                quota[rank] -= 1
+                remaining -= 1
+                picks += 1
+    return picks
+
+
+@_jit
+def kept_statistics(
+    offsets: np.ndarray, ids: np.ndarray, kept_global: np.ndarray, num_concepts: int
+):
+    """Statistics of the kept global batch.
+
+    Returns (distinct concepts, empty samples, max concept count, total instances); a concept's
+    count is the number of kept samples that contain it.
+    """
+    last = np.full(num_concepts, -1, dtype=np.int32)
+    count = np.zeros(num_concepts, dtype=np.int32)
+    empty = 0
+    instances = 0
+    for i in range(kept_global.shape[0]):
+        g = kept_global[i]
+        mark = np.int32(i)
+        start = offsets[g]
+        end = offsets[g + 1]
+        empty += end == start
+        instances += end - start
+        for e in range(start, end):
+            c = ids[e]
+            count[c] += last[c] != mark
+            last[c] = mark
+    distinct = 0
+    largest = 0
+    for c in range(num_concepts):
+        distinct += count[c] > 0
+        largest = max(largest, count[c])
+    return distinct, empty, largest, instances
+
+
+@_jit
+def count_present(ids: np.ndarray, num_concepts: int) -> int:
+    """``K``: the number of distinct concept ids in ``ids`` (branch-free marking, then a sum)."""
+    seen = np.zeros(num_concepts, dtype=np.uint8)
+    for e in range(ids.shape[0]):
+        seen[ids[e]] = 1
+    present = 0
+    for c in range(num_concepts):
+        present += seen[c]
+    return present
+
+
+@_jit
+def top_k_by_length(offsets: np.ndarray, world: int, k: int) -> np.ndarray:
+    """Per rank, mark the ``k`` samples with the longest lists, ties to the lower index.
+
+    A counting selection instead of a sort: find the length ``s*`` of the k-th best sample from a
+    histogram of lengths, keep everything longer and the first samples of length ``s*``.
+    """
+    size = offsets.shape[0] - 1
+    n = size // world
+    longest = 0
+    for g in range(size):
+        longest = max(longest, offsets[g + 1] - offsets[g])
+    mask = np.zeros(size, dtype=np.bool_)
+    histogram = np.zeros(longest + 1, dtype=np.int64)
+    for rank in range(world):
+        histogram[:] = 0
+        for g in range(rank * n, (rank + 1) * n):
+            histogram[offsets[g + 1] - offsets[g]] += 1
+        threshold = longest
+        above = 0  # samples strictly longer than threshold
+        while above + histogram[threshold] < k:
+            above += histogram[threshold]
+            threshold -= 1
+        ties = k - above  # samples of length == threshold to keep, lowest index first
+        for g in range(rank * n, (rank + 1) * n):
+            length = offsets[g + 1] - offsets[g]
+            if length > threshold:
+                mask[g] = True
+            elif length == threshold and ties > 0:
+                mask[g] = True
+                ties -= 1
+    return mask

@@ -1,0 +1,253 @@
+"""Shared parts of the selection policies: validated input, result, statistics, seeded fill.
+
+A selection call sees the *global* superbatch (every rank's concept ids, all-gathered, rank-major)
+and returns, for every rank, the local indices it keeps. It is a pure function of (inputs, policy
+configuration, seed, step): every rank computes the same global answer and keeps its own row.
+Nothing here imports Composer or torch.distributed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from cabs_streaming.selection import _kernels
+
+#: Concept ids index dense per-concept arrays; an id beyond this is almost surely corrupt data.
+MAX_CONCEPT_ID = 1 << 27
+
+
+def rank_rng(seed: int, step: int, rank: int) -> np.random.Generator:
+    """The only source of randomness in selection: ``default_rng([seed, step, rank])``."""
+    return np.random.default_rng([seed, step, rank])
+
+
+@dataclass(frozen=True)
+class Superbatch:
+    """The global superbatch's concept ids in CSR form, validated once per call.
+
+    ``offsets`` (int64 ``[N + 1]``) and ``ids`` (int32 ``[nnz]``) are rank-major: sample ``j`` of
+    rank ``r`` is global sample ``g = r * n + j`` with concepts ``ids[offsets[g]:offsets[g+1]]``
+    (one entry per detected instance, so ids may repeat; a list may be empty).
+    """
+
+    offsets: np.ndarray
+    ids: np.ndarray
+    world: int
+    num_concepts: int
+
+    @property
+    def size(self) -> int:
+        """``N``, the number of samples in the global superbatch."""
+        return self.offsets.shape[0] - 1
+
+    @property
+    def per_rank(self) -> int:
+        """``n``, the superbatch size on each rank."""
+        return self.size // self.world
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Instances per sample (``len(L_g)``), int64 ``[N]``."""
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        offsets: Any,
+        ids: Any,
+        world: int,
+        num_concepts: int | None = None,
+    ) -> Superbatch:
+        """Check and normalise the ragged input; errors say which invariant failed."""
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        ids_in = np.asarray(ids)
+        if offsets.ndim != 1 or ids_in.ndim != 1:
+            raise ValueError(
+                f"offsets and ids must be 1-D (got shapes {offsets.shape} and {ids_in.shape})"
+            )
+        if ids_in.size and not np.issubdtype(ids_in.dtype, np.integer):
+            raise TypeError(f"concept ids must be integers, got dtype {ids_in.dtype}")
+        if not isinstance(world, int | np.integer) or world < 1:
+            raise ValueError(f"world must be a positive int, got {world!r}")
+        if offsets.shape[0] < 2:
+            raise ValueError("the superbatch is empty: offsets needs at least 2 entries")
+        if offsets[0] != 0 or offsets[-1] != ids_in.shape[0]:
+            raise ValueError(
+                f"offsets must start at 0 and end at len(ids) = {ids_in.shape[0]}; "
+                f"got {offsets[0]} and {offsets[-1]}"
+            )
+        if np.any(offsets[1:] < offsets[:-1]):
+            raise ValueError("offsets must be non-decreasing (a sample cannot have negative size)")
+        size = offsets.shape[0] - 1
+        if size % world:
+            raise ValueError(
+                f"the global superbatch of {size} samples does not split over world={world} ranks"
+            )
+        lo = int(ids_in.min()) if ids_in.size else 0
+        hi = int(ids_in.max()) if ids_in.size else -1
+        if lo < 0:
+            raise ValueError(f"concept ids must be >= 0, found {lo}")
+        if num_concepts is None:
+            num_concepts = hi + 1
+        elif hi >= num_concepts:
+            raise ValueError(
+                f"concept id {hi} is outside the vocabulary of {num_concepts} concepts; "
+                "check that the data and vocabulary.json belong together"
+            )
+        if num_concepts > MAX_CONCEPT_ID:
+            raise ValueError(
+                f"{num_concepts} concepts is beyond the supported {MAX_CONCEPT_ID}: ids must be "
+                "dense positions in vocabulary.json"
+            )
+        ids_arr = np.ascontiguousarray(ids_in, dtype=np.int32)
+        return cls(offsets=offsets, ids=ids_arr, world=int(world), num_concepts=int(num_concepts))
+
+    def local(self, kept_global: np.ndarray, k: int) -> np.ndarray:
+        """Ascending kept global indices (exactly ``k`` per rank) to ``[world, k]`` local ones."""
+        if kept_global.shape[0] != k * self.world:  # a bug in a policy, never bad input
+            raise AssertionError(f"a policy kept {kept_global.shape[0]} samples, not {k} per rank")
+        kept = kept_global.reshape(self.world, k) - self.starts[:, None]
+        if kept[:, 0].min() < 0 or kept[:, -1].max() >= self.per_rank:
+            raise AssertionError("a policy kept an unequal number of samples per rank")
+        return kept
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Global index of every rank's first sample, int64 ``[world]``."""
+        return np.arange(self.world, dtype=np.int64) * self.per_rank
+
+
+def fill_quota(sb: Superbatch, kept: np.ndarray, k: int, seed: int, step: int) -> int:
+    """Complete every rank's quota in place: unkept empty samples first, then the rest.
+
+    Each group (ascending local index) is visited in a random order from
+    ``rank_rng(seed, step, rank)``: first ``permutation`` of the empty group, then, only if still
+    needed, ``permutation`` of the others. Returns how many samples were added.
+    """
+    n = sb.per_rank
+    open_quota = k - np.count_nonzero(kept.reshape(sb.world, n), axis=1)
+    if not open_quota.any():
+        return 0
+    empty = sb.offsets[1:] == sb.offsets[:-1]
+    added = 0
+    for rank in np.flatnonzero(open_quota):
+        need = int(open_quota[rank])
+        row = kept[rank * n : (rank + 1) * n]
+        row_empty = empty[rank * n : (rank + 1) * n]
+        rng = rank_rng(seed, step, int(rank))
+        for group_is_empty in (True, False):
+            group = np.flatnonzero(~row & (row_empty == group_is_empty))
+            take = rng.permutation(group)[:need]
+            row[take] = True
+            need -= take.shape[0]
+            added += take.shape[0]
+            if need == 0:
+                break
+    return added
+
+
+@dataclass(frozen=True)
+class SelectionStats:
+    """What every selection reports for the logger (CABS_SPEC, "What every selection call ...")."""
+
+    kept_distinct: int
+    """Distinct concepts in the kept global batch."""
+    superbatch_distinct: int
+    """Distinct concepts in the global superbatch (``K``)."""
+    kept_empty_share: float
+    """Share of kept samples without any concept."""
+    max_concept_count: int
+    """Largest number of kept samples that contain one concept."""
+    mean_instances: float
+    """Mean concept instances (``len(L_g)``) per kept sample."""
+    filled: int
+    """Samples added by the seeded fill rather than by the policy's ranking (0 for IID / FM)."""
+    wall_ms: float
+    """Wall time of the whole call (validation, policy, fill, statistics), milliseconds."""
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Flat dict for Composer's logger, keys optionally prefixed (e.g. ``"cabs/"``)."""
+        return {prefix + f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class SelectionResult:
+    """Kept local indices per rank, ``int64 [world, k]`` ascending per row, and statistics."""
+
+    kept: np.ndarray
+    stats: SelectionStats
+
+    def for_rank(self, rank: int) -> np.ndarray:
+        """The local indices rank ``rank`` keeps."""
+        return self.kept[rank]
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What a policy returns: the global keep mask and what it learnt on the way."""
+
+    mask: np.ndarray
+    """Global bool ``[N]``, exactly ``k`` True per rank."""
+    filled: int = 0
+    """How many of the kept samples came from :func:`fill_quota`."""
+    superbatch_distinct: int | None = None
+    """``K`` when the policy computed it anyway (saves the statistics a pass over the ids)."""
+
+
+class SelectionPolicy(ABC):
+    """A named selection policy; subclasses are frozen dataclasses of their options.
+
+    Subclasses implement :meth:`keep`; :func:`cabs_streaming.selection.select` adds the
+    validation, timing and statistics shared by all.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def keep(self, sb: Superbatch, k: int, seed: int, step: int) -> Kept:
+        """Choose exactly ``k`` samples on every rank of ``sb``."""
+
+    def config(self) -> dict[str, Any]:
+        """Plain-value description of the policy (saved with checkpoints, compared on load)."""
+        return {"name": self.name, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> SelectionPolicy:
+        """Build from a mapping of options; an unknown option is an error listing valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for selection policy {cls.name!r}; "
+                f"valid options: {valid or 'none'}"
+            )
+        return cls(**options)
+
+
+def compute_stats(
+    sb: Superbatch, kept: Kept, kept_global: np.ndarray, started: float
+) -> SelectionStats:
+    """Statistics of the kept global batch; ``started`` is the call's ``perf_counter`` start."""
+    distinct, empty, largest, instances = _kernels.kept_statistics(
+        sb.offsets, sb.ids, kept_global, sb.num_concepts
+    )
+    present = kept.superbatch_distinct
+    if present is None:
+        present = _kernels.count_present(sb.ids, sb.num_concepts)
+    total = kept_global.shape[0]
+    return SelectionStats(
+        kept_distinct=int(distinct),
+        superbatch_distinct=int(present),
+        kept_empty_share=empty / total,
+        max_concept_count=int(largest),
+        mean_instances=instances / total,
+        filled=int(kept.filled),
+        wall_ms=(time.perf_counter() - started) * 1e3,
+    )

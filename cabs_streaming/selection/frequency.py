@@ -1,0 +1,33 @@
+"""CABS-FM (frequency maximisation): keep the samples with the most object instances.
+
+Object-rich images pair with descriptive captions, which is what image-text retrieval rewards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cabs_streaming.selection import _kernels
+from cabs_streaming.selection.base import Kept, SelectionPolicy, Superbatch
+
+
+def frequency_keep(sb: Superbatch, k: int) -> np.ndarray:
+    """Keep, on every rank, the ``k`` samples with the highest ``len(L_g)``.
+
+    Repeats count (three boxes of "dog" score 3); ties go to the lower index. Needs no
+    communication and no randomness: each rank's answer depends on its own samples only.
+    """
+    return _kernels.top_k_by_length(sb.offsets, sb.world, k)
+
+
+@dataclass(frozen=True)
+class Frequency(SelectionPolicy):
+    """CABS-FM: favour object multiplicity; the published recipe for retrieval."""
+
+    name = "frequency"
+
+    def keep(self, sb: Superbatch, k: int, seed: int, step: int) -> Kept:
+        """See :func:`frequency_keep`; ``seed`` and ``step`` are unused."""
+        return Kept(frequency_keep(sb, k))

@@ -1,0 +1,139 @@
+"""A slow, literal transcription of CABS_SPEC, the oracle for the fast selection engine.
+
+Plain Python lists and dicts, an O(N^2) greedy that recomputes every gain at every step, and no
+shared code with ``cabs_streaming.selection`` beyond numpy's Generator. Floating-point sums are
+taken in list order (first appearance of each concept), which the engine documents and matches.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+
+def rng_for(seed: int, step: int, rank: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step, rank])
+
+
+def targets(doc_freq: dict[int, int], b: int, cap: int) -> dict[int, int]:
+    present = sorted(doc_freq)
+    if not present:
+        return {}
+    base = min(b // len(present), cap)
+    extra = b % len(present) if base < cap else 0
+    t = {}
+    for position, c in enumerate(present):
+        t[c] = min(max(base + (1 if position < extra else 0), 1), cap)
+    total = sum(t.values())
+    if total > b:
+        t = {c: max(1, min(v * b // total, cap)) for c, v in t.items()}
+    return t
+
+
+def greedy(
+    candidates: list[int],
+    entries: list[list[int]],
+    counts: Counter,
+    t: dict[int, int],
+    doc_freq: dict[int, int],
+    cap: int,
+    over_value: float,
+    quota: list[int],
+    n: int,
+    kept: set[int],
+) -> None:
+    while True:
+        best: tuple[float, int] | None = None
+        for g in candidates:
+            if g in kept or quota[g // n] == 0 or not entries[g]:
+                continue
+            if any(counts[c] >= cap for c in entries[g]):
+                continue
+            total = 0.0
+            for c in entries[g]:
+                if counts[c] < t[c]:
+                    total += (t[c] - counts[c]) / t[c] + 1 / doc_freq[c]
+                else:
+                    total += over_value
+            gain = total / len(entries[g])
+            if best is None or gain > best[0]:  # ascending scan: ties keep the lower index
+                best = (gain, g)
+        if best is None:
+            return
+        g = best[1]
+        kept.add(g)
+        quota[g // n] -= 1
+        for c in entries[g]:
+            counts[c] += 1
+
+
+def fill(
+    lists: list[list[int]], world: int, k: int, seed: int, step: int, kept: set[int]
+) -> None:
+    n = len(lists) // world
+    for rank in range(world):
+        local_kept = [j for j in range(n) if rank * n + j in kept]
+        need = k - len(local_kept)
+        if need == 0:
+            continue
+        rng = rng_for(seed, step, rank)
+        empty = [j for j in range(n) if rank * n + j not in kept and not lists[rank * n + j]]
+        others = [j for j in range(n) if rank * n + j not in kept and lists[rank * n + j]]
+        for group in (empty, others):
+            if need == 0:
+                break
+            take = [int(j) for j in rng.permutation(np.array(group, dtype=np.int64))[:need]]
+            for j in take:
+                kept.add(rank * n + j)
+            need -= len(take)
+
+
+def to_local(kept: set[int], world: int, n: int) -> list[list[int]]:
+    return [sorted(g - rank * n for g in kept if g // n == rank) for rank in range(world)]
+
+
+def diversity(
+    lists: list[list[int]],
+    world: int,
+    k: int,
+    seed: int,
+    step: int,
+    concept_cap: int | None = None,
+    official_compat: bool = False,
+) -> list[list[int]]:
+    size = len(lists)
+    n = size // world
+    distinct = [list(dict.fromkeys(items)) for items in lists]
+    doc_freq = dict(Counter(c for items in distinct for c in items))
+    kept: set[int] = set()
+    quota = [k] * world
+    if not official_compat:
+        b = world * k
+        cap = concept_cap if concept_cap is not None else max(1, round(b * 10 / 1024))
+        t = targets(doc_freq, b, cap)
+        greedy(list(range(size)), distinct, Counter(), t, doc_freq, cap, 0.0, quota, n, kept)
+    else:
+        cap = concept_cap if concept_cap is not None else 10
+        t = targets(doc_freq, k, cap)
+        for rank in range(world):
+            candidates = list(range(rank * n, (rank + 1) * n))
+            greedy(candidates, lists, Counter(), t, doc_freq, cap, -0.5, quota, n, kept)
+    fill(lists, world, k, seed, step, kept)
+    return to_local(kept, world, n)
+
+
+def frequency(lists: list[list[int]], world: int, k: int) -> list[list[int]]:
+    n = len(lists) // world
+    out = []
+    for rank in range(world):
+        order = sorted(range(n), key=lambda j: (-len(lists[rank * n + j]), j))
+        out.append(sorted(order[:k]))
+    return out
+
+
+def iid(n: int, world: int, k: int, seed: int, step: int) -> list[list[int]]:
+    return [
+        sorted(int(j) for j in rng_for(seed, step, rank).choice(n, size=k, replace=False))
+        for rank in range(world)
+    ]
