@@ -21,7 +21,7 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 #: Columns of the packed per-concept table: count so far, target ``t_c``, ``1 / F_c``.
 _COUNT, _TARGET, _INV_FREQ = 0, 1, 2
 #: Buckets of the monotone priority queue of :func:`lazy_greedy`.
-_BUCKETS = 16384
+_BUCKETS = 4096
 #: No gain exceeds 2: a term is at most ``(t - 0) / t + 1 / 1``.
 _MAX_GAIN = 2.0
 
@@ -274,8 +274,15 @@ def lazy_greedy(
     segment = np.zeros(_BUCKETS + 1, dtype=np.int64)
     for h in range(local):
         g = first + h
-        if offsets[g + 1] > offsets[g]:
-            gain = _gain(g, offsets, ids, table, fcap, over_value)
+        start = offsets[g]
+        end = offsets[g + 1]
+        if end > start:
+            # All counts are 0 < 1 <= t_c, so each term is (t_c - 0) / t_c + 1/F_c, and
+            # (t_c - 0) / t_c is exactly 1.0: the same bits _gain will compute later.
+            total = 0.0
+            for e in range(start, end):
+                total += 1.0 + table[ids[e], _INV_FREQ]
+            gain = total / (end - start)
             stored[h] = gain
             b = _bucket(gain, low, scale)
             bucket_of[h] = b
@@ -353,17 +360,18 @@ def lazy_greedy(
                 link[h] = head[b]
                 head[b] = h
 
-    if zero_phase:  # every remaining eligible sample has gain 0: index order
-        for g in range(first, stop):
+    if zero_phase:
+        # The open bucket is the lowest and its heap top is 0, so the heap holds every remaining
+        # candidate, all at gain 0: take them in index order while they stay eligible.
+        live = np.zeros(local, dtype=np.bool_)
+        for pos in range(size):
+            live[np.int64(heap[pos, 1]) - first] = True
+        for h in range(local):
             if remaining == 0:
                 break
+            g = first + h
             rank = g // n_per_rank
-            if (
-                not kept[g]
-                and offsets[g + 1] > offsets[g]
-                and quota[rank] > 0
-                and _eligible(g, offsets, ids, table, fcap)
-            ):
+            if live[h] and quota[rank] > 0 and _eligible(g, offsets, ids, table, fcap):
                 _take(g, offsets, ids, table, kept)
                 quota[rank] -= 1
                 remaining -= 1
