@@ -83,7 +83,9 @@ def fill(
         for group in (empty, others):
             if need == 0:
                 break
-            take = [int(j) for j in rng.permutation(np.array(group, dtype=np.int64))[:need]]
+            size = min(need, len(group))
+            drawn = rng.choice(np.array(group, dtype=np.int64), size, replace=False)
+            take = [int(j) for j in drawn]
             for j in take:
                 kept.add(rank * n + j)
             need -= len(take)

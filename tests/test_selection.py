@@ -32,8 +32,10 @@ def kept(policy: str, lists, world: int, k: int, seed: int = 0, step: int = 0, *
     return run(policy, lists, world, k, seed, step, **options).kept.tolist()
 
 
-def first_of_permutation(seed: int, step: int, rank: int, group: list[int], need: int = 1):
-    return np.random.default_rng([seed, step, rank]).permutation(np.array(group))[:need].tolist()
+def seeded_pick(seed: int, step: int, rank: int, group: list[int], need: int = 1):
+    """What the fill takes from one group: a seeded choice without replacement."""
+    rng = np.random.default_rng([seed, step, rank])
+    return rng.choice(np.array(group), size=need, replace=False).tolist()
 
 
 # --------------------------------------------------------------------------- CABS-DM, default
@@ -84,19 +86,19 @@ def test_dm_fills_with_empty_samples_first_in_seeded_order():
     lists = [[0], [0, 1], [], [1], []]
     seed, step = 11, 5
     result = run("diversity", lists, world=1, k=3, seed=seed, step=step, concept_cap=1)
-    expected = sorted([0, 3] + first_of_permutation(seed, step, 0, [2, 4]))
+    expected = sorted([0, 3] + seeded_pick(seed, step, 0, [2, 4]))
     assert result.kept.tolist() == [expected]
     assert result.stats.filled == 1
 
 
 def test_dm_fill_falls_back_to_ineligible_samples_after_the_empty_ones():
     # M = 1: s0 is kept, s1 and s2 are capped. Fill: empty [3] first, then one of [1, 2] drawn
-    # by the same generator after its permutation of the empty group.
+    # by the same generator after its draw from the empty group.
     lists = [[0], [0], [0], []]
     seed, step = 3, 9
     rng = np.random.default_rng([seed, step, 0])
-    rng.permutation(np.array([3]))
-    second = rng.permutation(np.array([1, 2]))[:1].tolist()
+    rng.choice(np.array([3]), size=1, replace=False)
+    second = rng.choice(np.array([1, 2]), size=1, replace=False).tolist()
     result = run("diversity", lists, world=1, k=3, seed=seed, step=step, concept_cap=1)
     assert result.kept.tolist() == [sorted([0, 3] + second)]
     assert result.stats.filled == 2
@@ -111,10 +113,10 @@ def test_dm_default_on_two_ranks_fills_a_rank_whose_candidates_are_capped():
     # gains: s0 = s3 = 1.333, s1 = s5 = 1.5, s2 = ((1 + 1/3) + 2) / 2 = 1.667, s4 = 2.
     # picks: s4 (n2 = 1), s2 (n0 = n3 = 1), s1 over s5 (tie -> lower index; n1 = 1, rank 0 full).
     # Rank 1 needs one more but s3 (concept 0) and s5 (concept 1) are at the cap: filled from
-    # its non-empty unkept samples [0, 2] with default_rng([seed, step, 1]).
+    # its non-empty unkept samples [0, 2] with default_rng([seed, step, 1]).choice.
     seed, step = 7, 2
     result = run("diversity", TWO_RANKS, world=2, k=2, seed=seed, step=step)
-    fill = first_of_permutation(seed, step, 1, [0, 2])
+    fill = seeded_pick(seed, step, 1, [0, 2])
     assert result.kept.tolist() == [[1, 2], sorted([1] + fill)]
 
 
@@ -151,7 +153,7 @@ def test_dm_compat_penalises_concepts_over_target_and_caps_instances():
         "diversity", lists, world=1, k=3, seed=seed, step=step, official_compat=True,
         concept_cap=2,
     )
-    assert result.kept.tolist() == [sorted([0, 2] + first_of_permutation(seed, step, 0, [1, 3]))]
+    assert result.kept.tolist() == [sorted([0, 2] + seeded_pick(seed, step, 0, [1, 3]))]
     assert result.stats.filled == 1
 
 

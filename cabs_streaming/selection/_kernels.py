@@ -19,7 +19,7 @@ import numpy as np
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 #: Columns of the packed per-concept table: count so far, target ``t_c``, ``1 / F_c``.
-_COUNT, _TARGET, _INV_FREQ = 0, 1, 2
+COUNT, _TARGET, _INV_FREQ = 0, 1, 2
 #: Buckets of the monotone priority queue of :func:`lazy_greedy`.
 _BUCKETS = 4096
 #: No gain exceeds 2: a term is at most ``(t - 0) / t + 1 / 1``.
@@ -148,7 +148,7 @@ def _gain(
     total = 0.0
     for e in range(start, end):
         c = ids[e]
-        n_c = table[c, _COUNT]
+        n_c = table[c, COUNT]
         if n_c >= cap:
             return np.nan
         t_c = table[c, _TARGET]
@@ -162,7 +162,7 @@ def _gain(
 @_jit
 def _eligible(g: int, offsets: np.ndarray, ids: np.ndarray, table: np.ndarray, cap: float) -> bool:
     for e in range(offsets[g], offsets[g + 1]):
-        if table[ids[e], _COUNT] >= cap:
+        if table[ids[e], COUNT] >= cap:
             return False
     return True
 
@@ -171,7 +171,7 @@ def _eligible(g: int, offsets: np.ndarray, ids: np.ndarray, table: np.ndarray, c
 def _take(g: int, offsets: np.ndarray, ids: np.ndarray, table: np.ndarray, kept: np.ndarray):
     kept[g] = True
     for e in range(offsets[g], offsets[g + 1]):
-        table[ids[e], _COUNT] += 1.0
+        table[ids[e], COUNT] += 1.0
 
 
 @_jit
@@ -247,7 +247,7 @@ def lazy_greedy(
 
     Each sample's list ``ids[offsets[g]:offsets[g+1]]`` is what counts and divides: distinct
     concepts in the default form, instances in ``official_compat``. A pick adds 1 to the count
-    (column ``_COUNT`` of ``table``, updated in place) per list entry and takes one unit of
+    (column ``COUNT`` of ``table``, updated in place) per list entry and takes one unit of
     ``quota[g // n_per_rank]``. A sample is eligible while its rank has quota and none of its
     concepts has reached ``cap``; both only ever get worse, and gains only fall as counts rise.
     Samples with an empty list never enter. Returns the number of picks.
@@ -259,9 +259,9 @@ def lazy_greedy(
     Entries are re-evaluated when their bucket opens (:func:`_admit`): ineligible ones are dropped
     for good, stale ones re-parked lower. Initial entries sit in contiguous per-bucket segments
     (a counting sort); re-parked ones in linked lists.
-    When ``over_value == 0`` gains are never negative, so once the best stored gain is 0 every
-    remaining eligible sample has gain exactly 0 and the order is plain index order: the rest is a
-    linear scan.
+    No gain is below ``low = min(over_value, 0)`` (a term is positive or ``over_value``), so once
+    the best stored gain is ``low`` every remaining eligible sample has gain exactly ``low`` (all
+    its concepts over target) and the order is plain index order: the rest is a linear scan.
     """
     local = stop - first
     fcap = float(cap)
@@ -306,7 +306,7 @@ def lazy_greedy(
     for r in range(quota.shape[0]):
         remaining += quota[r]
     picks = 0
-    zero_phase = False
+    floor_phase = False
     while remaining > 0:
         if size == 0:  # open the next non-empty bucket into the heap
             active -= 1
@@ -332,8 +332,8 @@ def lazy_greedy(
                 _sift_down(heap, size, pos)
             continue
         top = heap[0, 0]
-        if top == 0.0 and over_value == 0.0:
-            zero_phase = True
+        if top == low:
+            floor_phase = True
             break
         g = np.int64(heap[0, 1])
         rank = g // n_per_rank
@@ -360,9 +360,10 @@ def lazy_greedy(
                 link[h] = head[b]
                 head[b] = h
 
-    if zero_phase:
-        # The open bucket is the lowest and its heap top is 0, so the heap holds every remaining
-        # candidate, all at gain 0: take them in index order while they stay eligible.
+    if floor_phase:
+        # The open bucket is the lowest and its heap top is the lowest possible gain, so the heap
+        # holds every remaining candidate, all at that gain: take them in index order while they
+        # stay eligible.
         live = np.zeros(local, dtype=np.bool_)
         for pos in range(size):
             live[np.int64(heap[pos, 1]) - first] = True

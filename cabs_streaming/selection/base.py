@@ -127,9 +127,11 @@ class Superbatch:
 def fill_quota(sb: Superbatch, kept: np.ndarray, k: int, seed: int, step: int) -> int:
     """Complete every rank's quota in place: unkept empty samples first, then the rest.
 
-    Each group (ascending local index) is visited in a random order from
-    ``rank_rng(seed, step, rank)``: first ``permutation`` of the empty group, then, only if still
-    needed, ``permutation`` of the others. Returns how many samples were added.
+    Rank ``r`` draws with ``rank_rng(seed, step, r)``: first
+    ``choice(empty_group, min(need, len), replace=False)``, then, only if still needed, the same
+    from the other unkept samples; each group lists local indices in ascending order. A choice
+    without replacement is a uniformly random ordered subset, i.e. the head of a seeded random
+    order, drawn in time proportional to what is taken. Returns how many samples were added.
     """
     n = sb.per_rank
     open_quota = k - np.count_nonzero(kept.reshape(sb.world, n), axis=1)
@@ -144,7 +146,7 @@ def fill_quota(sb: Superbatch, kept: np.ndarray, k: int, seed: int, step: int) -
         rng = rank_rng(seed, step, int(rank))
         for group_is_empty in (True, False):
             group = np.flatnonzero(~row & (row_empty == group_is_empty))
-            take = rng.permutation(group)[:need]
+            take = rng.choice(group, size=min(need, group.shape[0]), replace=False)
             row[take] = True
             need -= take.shape[0]
             added += take.shape[0]

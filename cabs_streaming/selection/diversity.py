@@ -48,8 +48,8 @@ def diversity_keep(
     or over target and a per-rank cap ``M_rank`` (10 unless ``concept_cap`` is given); targets use
     ``b = k`` and ``M_rank`` with ``K`` and ``F_c`` of the global superbatch.
 
-    Both forms then fill an open quota from the rank's unkept samples, empty ones first, in an
-    order drawn from ``default_rng([seed, step, rank])`` (:func:`fill_quota`). This is where we
+    Both forms then fill an open quota from the rank's unkept samples, empty ones first, drawn
+    with ``default_rng([seed, step, rank])`` (:func:`fill_quota`). This is where we
     deviate from the reference in compat mode: it fills by unseeded random choice among eligible
     samples and may return a short batch; ours is deterministic and always full.
     """
@@ -63,9 +63,9 @@ def diversity_keep(
         _kernels.lazy_greedy(d_offsets, d_ids, 0, sb.size, n, quota, table, cap, 0.0, kept)
     else:
         cap = concept_cap if concept_cap is not None else REFERENCE_RANK_CAP
-        fresh, present = _kernels.concept_table(doc_freq, k, cap)
+        table, present = _kernels.concept_table(doc_freq, k, cap)
         for rank in range(sb.world):
-            table = fresh.copy() if rank < sb.world - 1 else fresh  # every rank counts alone
+            table[:, _kernels.COUNT] = 0.0  # every rank counts alone
             _kernels.lazy_greedy(
                 sb.offsets, sb.ids, rank * n, (rank + 1) * n, n, quota, table, cap,
                 REFERENCE_OVER_TARGET, kept,
