@@ -658,6 +658,8 @@ class _Judge:
                 if concept_id is None:
                     return ("unknown concept", f"concept {entry!r} is not in the vocabulary"), []
                 ids.append(concept_id)
+            elif isinstance(entry, bool) or not isinstance(entry, int):
+                return ("unknown concept", f"concept {entry!r} is not a name or an integer id"), []
             else:
                 limit = self.policy.id_limit
                 if limit is None:
@@ -1023,9 +1025,10 @@ def _publish(out: str, filename: str, text: str) -> None:
     from streaming.base.storage.upload import CloudUploader
 
     with tempfile.TemporaryDirectory() as staging:
+        uploader = CloudUploader.get((staging, out), keep_local=True)  # staging still empty
         with open(os.path.join(staging, filename), "w", encoding="utf-8") as f:
             f.write(text)
-        CloudUploader.get((staging, out), keep_local=True, exist_ok=True).upload_file(filename)
+        uploader.upload_file(filename)
 
 
 @contextmanager
@@ -1082,11 +1085,13 @@ def _run_tasks(
         try:
             result = results.next(timeout=0.2)
         except multiprocessing.TimeoutError:
-            bar.update(counter.value - bar.n)
+            if counter.value > bar.n:
+                bar.update(counter.value - bar.n)
             continue
         except StopIteration:
             break
-        bar.update(counter.value - bar.n)
+        if counter.value > bar.n:
+            bar.update(counter.value - bar.n)
         yield result
 
 
@@ -1188,6 +1193,10 @@ def convert(
     id_limit = None if base_names is None else len(base_names)
     scan_policy = _ConceptPolicy(None if extend_vocabulary else base_names, id_limit)
     processes = min(workers, len(files))
+
+    # Import the writer's stack (torch comes with it) once, here: forked workers inherit it
+    # instead of each spending seconds importing it again.
+    import streaming  # noqa: F401
 
     context = multiprocessing.get_context()
     counter = context.Value("q", 0)

@@ -6,6 +6,7 @@ WebP) and every written dataset is read back with ``streaming.StreamingDataset``
 
 from __future__ import annotations
 
+import gzip
 import io
 import itertools
 import json
@@ -292,6 +293,25 @@ def test_jsonl_round_trip_reads_images_relative_to_the_manifest(
     assert [r["image"] for r in rows] == [images["jpg"][0], images["png"][0], images["webp"][0]]
 
 
+def test_jsonl_lines_that_cannot_be_used_are_counted(
+    tmp_path: Path, images: dict[str, list[bytes]]
+) -> None:
+    (tmp_path / "ok.jpg").write_bytes(images["jpg"][0])
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join([
+        json.dumps({"image": "ok.jpg", "caption": "fine", "concepts": ["dog"]}),
+        json.dumps({"image": "gone.jpg", "caption": "no file", "concepts": ["dog"]}),
+        '{"image": "ok.jpg", "caption": ',
+        json.dumps({"image": "ok.jpg", "caption": "no concepts field", "key": "k3"}),
+    ]))
+    report = run([manifest], "jsonl", tmp_path / "out")
+
+    assert report["read"] == 4 and report["written"] == 1
+    assert report["skipped"]["missing image"] == 1
+    assert "gone.jpg" in report["examples"]["missing image"][0]["detail"]
+    assert [e["key"] for e in report["examples"]["malformed json"]] == ["line 3", "k3"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Skips and damage
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +403,28 @@ def test_tar_cut_at_a_member_boundary_is_reported_as_truncated(
     assert report["read"] == 2 and report["written"] == 2
     assert report["errors"][0]["file"] == str(cut)
     assert "truncated" in report["errors"][0]["error"]
+
+
+def test_gzipped_tars_convert_and_a_cut_one_is_reported(
+    tmp_path: Path, images: dict[str, list[bytes]]
+) -> None:
+    def gz_tar(name: str, prefix: str) -> bytes:
+        samples = [wds(f"{prefix}{i}", images["jpg"][i], {"caption": "c", "classes": ["dog"]})
+                   for i in range(6)]
+        return gzip.compress(write_tar(tmp_path / name, samples).read_bytes())
+
+    (tmp_path / "whole.tar.gz").write_bytes(gz_tar("g.tar", "g"))
+    cut = gz_tar("h.tar", "h")
+    (tmp_path / "cut.tar.gz").write_bytes(cut[: len(cut) // 2])
+    report = run([tmp_path / "whole.tar.gz", tmp_path / "cut.tar.gz"], "webdataset",
+                 tmp_path / "out")
+
+    assert [e["file"] for e in report["errors"]] == [str(tmp_path / "cut.tar.gz")]
+    keys = [r["key"] for r in read_back(tmp_path / "out")]
+    salvaged = keys[6:]
+    assert keys[:6] == [f"g{i}" for i in range(6)]
+    assert salvaged == [f"h{i}" for i in range(len(salvaged))] and len(salvaged) < 6
+    assert report["read"] - report["written"] <= 1  # at most the sample at the cut
 
 
 def test_empty_concept_list_is_kept(tmp_path: Path, images: dict[str, list[bytes]]) -> None:
@@ -532,6 +574,18 @@ def test_max_samples_per_shard_starts_new_shards(
     assert report["written"] == 8 and report["shards"] == 3
     index = json.loads((tmp_path / "out" / "index.json").read_text())
     assert [s["samples"] for s in index["shards"]] == [3, 3, 2]
+
+
+def test_compression_is_passed_to_the_writer(
+    tmp_path: Path, images: dict[str, list[bytes]]
+) -> None:
+    tars = _many_tars(tmp_path, images)
+    run(tars[:1], "webdataset", tmp_path / "plain")
+    run(tars[:1], "webdataset", tmp_path / "zstd", compression="zstd")
+
+    index = json.loads((tmp_path / "zstd" / "index.json").read_text())
+    assert index["shards"][0]["zip_data"]["basename"].endswith(".mds.zstd")
+    assert read_back(tmp_path / "zstd") == read_back(tmp_path / "plain")
 
 
 def test_non_empty_output_is_refused_unless_overwrite(
