@@ -1014,6 +1014,8 @@ def _resolve_vocabulary(
         return Vocabulary.load(os.fspath(vocabulary))
     except FileNotFoundError as err:
         raise ConversionError(f"--vocabulary {vocabulary} does not exist; check the path") from err
+    except ValueError as err:  # from_json names the file and what is wrong with it
+        raise ConversionError(f"--vocabulary: {err}") from err
 
 
 def _publish(out: str, filename: str, text: str) -> None:
@@ -1171,6 +1173,23 @@ def convert(
         raise ConversionError(f"--workers must be at least 1, got {workers}")
     if max_samples_per_shard is not None and max_samples_per_shard < 1:
         raise ConversionError("--max-samples-per-shard must be at least 1")
+    # Import the writer's stack (torch comes with it) once, here: forked workers inherit it
+    # instead of each spending seconds importing it again.
+    from streaming.base.compression import is_compression
+    from streaming.base.util import bytes_to_int
+
+    if compression and not is_compression(compression):
+        raise ConversionError(
+            f"--compression {compression!r} is not an MDS compression; try zstd, gz, br or bz2"
+        )
+    try:
+        if size_limit is not None and not 0 < bytes_to_int(size_limit) < 2**32:
+            raise ValueError("out of range")
+    except ValueError as err:
+        raise ConversionError(
+            f"--size-limit {size_limit!r} is not a shard size between 1 byte and 4gb ({err}); "
+            "write bytes or e.g. 64mb"
+        ) from err
     base_vocabulary = _resolve_vocabulary(vocabulary)
     if extend_vocabulary and base_vocabulary is None:
         raise ConversionError(
@@ -1193,11 +1212,6 @@ def convert(
     id_limit = None if base_names is None else len(base_names)
     scan_policy = _ConceptPolicy(None if extend_vocabulary else base_names, id_limit)
     processes = min(workers, len(files))
-
-    # Import the writer's stack (torch comes with it) once, here: forked workers inherit it
-    # instead of each spending seconds importing it again.
-    import streaming  # noqa: F401
-
     context = multiprocessing.get_context()
     counter = context.Value("q", 0)
     pool = (
@@ -1325,8 +1339,8 @@ def build_parser() -> argparse.ArgumentParser:
             "(schema v1) with vocabulary.json and report.json beside index.json."
         ),
         epilog=(
-            "Exit status: 0 done, 1 done but some input files were damaged (see the report's "
-            "errors), 2 nothing written (bad arguments or input)."
+            "Exit status: 0 done; 1 done, but some input files were damaged (see the report's "
+            "errors); 2 stopped with an error message (bad arguments or input)."
         ),
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -1340,21 +1354,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="append names missing from --vocabulary instead of skipping samples")
     parser.add_argument("--concepts-from", choices=CONCEPT_SOURCES, default="classes",
                         help="webdataset json field holding the concepts (default: classes)")
-    parser.add_argument("--workers", type=int, default=1, help="processes (default: 1)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="processes; inputs are split across them (default: 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty output directory")
-    parser.add_argument("--image-column", default="image", help="parquet (default: image)")
-    parser.add_argument("--caption-column", default="caption", help="parquet (default: caption)")
-    parser.add_argument("--concepts-column", default="concepts",
+    parser.add_argument("--image-column", default="image", metavar="NAME",
+                        help="parquet: image bytes or {bytes, path} structs (default: image)")
+    parser.add_argument("--caption-column", default="caption", metavar="NAME",
+                        help="parquet (default: caption)")
+    parser.add_argument("--concepts-column", default="concepts", metavar="NAME",
                         help="parquet, names or ids (default: concepts)")
-    parser.add_argument("--key-column", help="parquet (default: 'key' if present)")
-    parser.add_argument("--recaption-column", help="parquet synthetic caption column")
-    parser.add_argument("--size-limit", default="64mb",
+    parser.add_argument("--key-column", metavar="NAME", help="parquet (default: 'key' if present)")
+    parser.add_argument("--recaption-column", metavar="NAME",
+                        help="parquet synthetic caption column (default: none)")
+    parser.add_argument("--size-limit", default="64mb", metavar="BYTES",
                         help="MDS shard size limit, bytes or e.g. 64mb (default: 64mb)")
-    parser.add_argument("--compression", help="MDS shard compression, e.g. zstd")
-    parser.add_argument("--max-samples-per-shard", type=int,
+    parser.add_argument("--compression", metavar="NAME", help="MDS shard compression, e.g. zstd")
+    parser.add_argument("--max-samples-per-shard", type=int, metavar="N",
                         help="also start a new shard after this many samples")
-    parser.add_argument("--examples-per-reason", type=int, default=5,
+    parser.add_argument("--examples-per-reason", type=int, default=5, metavar="N",
                         help="example keys listed per skip reason in the report (default: 5)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser

@@ -615,6 +615,29 @@ def test_overwrite_never_deletes_an_input_inside_the_output(
     assert tar.exists()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"compression": "rar"}, "not an MDS compression"),
+        ({"size_limit": "lots"}, "--size-limit 'lots'"),
+        ({"vocabulary": "BAD"}, r"bad.json: not valid JSON"),
+        ({"extend_vocabulary": True}, "pass --vocabulary FILE too"),
+        ({"workers": 0}, "--workers must be at least 1"),
+    ],
+)
+def test_bad_arguments_say_what_to_do(
+    tmp_path: Path, images: dict[str, list[bytes]], kwargs: dict[str, Any], message: str
+) -> None:
+    tar = write_tar(tmp_path / "a.tar", [wds("a", images["jpg"][0], {"caption": "x",
+                                                                      "classes": []})])
+    if kwargs.get("vocabulary") == "BAD":
+        (tmp_path / "bad.json").write_text("{not json")
+        kwargs = {"vocabulary": str(tmp_path / "bad.json")}
+    with pytest.raises(ConversionError, match=message):
+        convert([str(tar)], "webdataset", str(tmp_path / "out"), progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_prints_the_report_and_exits_1_on_damaged_input(
     tmp_path: Path, images: dict[str, list[bytes]], capsys: pytest.CaptureFixture[str]
 ) -> None:
