@@ -31,7 +31,9 @@ Both metrics are exact when the eval set is sharded over ranks: they keep per-sa
 repeats so that every rank draws the same number (``ids``: hashes of the sample keys, first
 occurrence kept). A retrieval recall needs every embedding anyway; the five retrieval numbers are
 five ``Metric`` objects, each holding the embeddings, because Composer logs one scalar per
-metric (about ``5 x 2 x N x embed_dim`` floats: 40 MB for 5,000 pairs at 512 dims).
+metric: ``5 x 2 x N x embed_dim`` float32 on the eval device, about 100 MB for 5,000 pairs at
+512 dims. They stay float32 on purpose: rounding to 16 bits reorders near-ties and so changes
+recalls.
 
 **When evaluation runs** is Trainer configuration: ``Trainer(eval_dataloader=evaluators,
 eval_interval="1000ba")`` (or ``"1ep"``, or a per-``Evaluator`` ``eval_interval``) evaluates at
@@ -535,7 +537,8 @@ def build_zeroshot_evaluator(
     The class names are the set's vocabulary (override with ``classnames``, same order) and a
     sample's label is its first concept id. The task is registered on ``model`` under
     ``label`` (``model.add_zeroshot_task``), so build evaluators before the ``Trainer``.
-    ``templates``: ``"simple"`` (default), ``"openai"`` or a list of ``"...{}..."`` strings.
+    ``templates``: ``"simple"`` (default), ``"openai"``, a list of ``"...{}..."`` strings or
+    the path of a JSON file with a ``"templates"`` list (see ``ZeroShotTask.create``).
     Logs ``metrics/<label>/top1_accuracy`` and ``metrics/<label>/top5_accuracy``.
     ``dataset_kwargs`` go to ``ConceptStreamingDataset`` (``split``, ``predownload``, ...).
     """

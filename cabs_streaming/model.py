@@ -341,7 +341,8 @@ class ComposerCLIP(ComposerModel):
         ``name`` is the value of the ``"task"`` key of that set's batches (the evaluator label,
         when built by ``cabs_streaming.evaluation``). ``templates`` is ``"simple"`` (open_clip's
         7 ``SIMPLE_IMAGENET_TEMPLATES``, the default), ``"openai"`` (the 80
-        ``OPENAI_IMAGENET_TEMPLATES``) or a list of ``"...{}..."`` strings or callables.
+        ``OPENAI_IMAGENET_TEMPLATES``), a list of ``"...{}..."`` strings or callables, or the
+        path of a JSON file with a ``"templates"`` list (``data/sample/classnames.json``).
         """
         task = ZeroShotTask.create(classnames, templates)
         if name in self.zeroshot_tasks and self.zeroshot_tasks[name] != task:
