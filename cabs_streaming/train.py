@@ -1,0 +1,218 @@
+"""Build and run a Composer Trainer from a validated recipe: ``composer train.py RECIPE [k=v ...]``.
+
+The order matters: distributed setup first (every rank builds its dataset with identical
+arguments and needs its world size for the superbatch), then the model (the decoder and the
+tokenizer come from it), then data, the CABS algorithm, evaluators, optimiser and the Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from composer import DataSpec, Trainer
+from composer.loggers import FileLogger, TensorboardLogger, WandBLogger
+from composer.optim import CosineAnnealingWithWarmupScheduler
+from composer.utils import dist, reproducibility
+from torch.utils.data import DataLoader
+
+from cabs_streaming.algorithm import ConceptAwareBatchSampling, keep_per_rank
+from cabs_streaming.callbacks import ConceptDiversityMonitor
+from cabs_streaming.config import ConfigError, RunConfig, load_config
+from cabs_streaming.dataset import ConceptCollator, ConceptStreamingDataset, num_samples_in_batch
+from cabs_streaming.decode import ImageDecoder
+
+__all__ = ["build_trainer", "main", "superbatch_per_rank"]
+
+log = logging.getLogger(__name__)
+
+LOGGERS = {"file": FileLogger, "tensorboard": TensorboardLogger, "wandb": WandBLogger}
+
+
+def superbatch_per_rank(global_batch: int, world: int, filter_ratio: float) -> int:
+    """Per-rank superbatch ``n = global_batch / (world * (1 - f))``; must be a whole number.
+
+    The kept per-rank batch ``global_batch / world`` must be whole too. Errors name working
+    alternatives, because a silently rounded superbatch would change the filter ratio.
+    """
+    if global_batch % world:
+        raise ConfigError(
+            f"global_train_batch_size={global_batch} does not divide over {world} ranks"
+        )
+    kept = global_batch // world
+    exact = kept / (1.0 - filter_ratio)
+    n = round(exact)
+    if abs(exact - n) > 1e-6:
+        raise ConfigError(
+            f"global_train_batch_size={global_batch} on {world} rank(s) with filter_ratio="
+            f"{filter_ratio} needs a superbatch of {exact:g} samples per rank, not a whole "
+            f"number; choose a batch size whose per-rank share {kept} divided by "
+            f"(1 - filter_ratio) = {1 - filter_ratio:g} is an integer"
+        )
+    keep_per_rank(n, filter_ratio)  # the algorithm's own check, for the same numbers
+    return n
+
+
+def _dataset_kwargs(cfg: RunConfig, batch_size: int) -> dict[str, Any]:
+    data = cfg.train_data
+    kwargs: dict[str, Any] = {
+        "batch_size": batch_size,
+        "shuffle": data.shuffle,
+        "shuffle_seed": cfg.seed,
+        "predownload": data.predownload,
+        "cache_limit": data.cache_limit,
+        "validate_hash": data.validate_hash,
+        "download_retry": data.download_retry,
+        "download_timeout": data.download_timeout,
+        "caption": data.caption,
+    }
+    if data.streams:
+        from streaming import Stream
+
+        kwargs["streams"] = [Stream(**stream) for stream in data.streams.values()]
+    else:
+        kwargs["local"] = data.local
+        kwargs["remote"] = data.remote
+    return kwargs
+
+
+def build_trainer(cfg: RunConfig) -> Trainer:
+    """Everything but ``fit``: useful for tests and notebooks."""
+    from cabs_streaming.evaluation import build_evaluators
+    from cabs_streaming.model import ComposerCLIP
+
+    if not dist.is_initialized() and dist.get_world_size() > 1:
+        dist.initialize_dist(cfg.device or ("gpu" if torch.cuda.is_available() else "cpu"))
+    reproducibility.seed_all(cfg.seed)
+    world = dist.get_world_size()
+    n = superbatch_per_rank(cfg.global_train_batch_size, world, cfg.filter_ratio)
+
+    model = ComposerCLIP(cfg.model.name, loss=cfg.model.loss, **cfg.model.options)
+
+    dataset = ConceptStreamingDataset(**_dataset_kwargs(cfg, n))
+    loader = DataLoader(
+        dataset,
+        batch_size=n,
+        collate_fn=ConceptCollator(),
+        num_workers=cfg.train_data.num_workers,
+        drop_last=True,
+        persistent_workers=cfg.train_data.num_workers > 0,
+    )
+    train_spec = DataSpec(loader, get_num_samples_in_batch=num_samples_in_batch)
+
+    decoder = ImageDecoder.from_model(
+        model.clip,
+        is_train=True,
+        seed=cfg.seed,
+        num_threads=cfg.decode.threads,
+        draft=cfg.decode.draft,
+        draft_margin=cfg.decode.draft_margin,
+    )
+    cabs = ConceptAwareBatchSampling(
+        decoder=decoder,
+        filter_ratio=cfg.filter_ratio,
+        policy=cfg.selection.policy,
+        policy_options=cfg.selection.options or {},
+        seed=cfg.seed,
+        tokenizer=model.tokenizer,
+        verify_consensus=cfg.selection.verify_consensus,
+        selection_log=cfg.selection.selection_log,
+        num_concepts=len(dataset.vocabulary),
+    )
+
+    evaluators = build_evaluators(model, cfg.eval_data)
+    optimizer = torch.optim.AdamW(
+        model.param_groups(cfg.optimizer.weight_decay),
+        lr=cfg.optimizer.lr,
+        betas=tuple(cfg.optimizer.betas),
+        eps=cfg.optimizer.eps,
+    )
+    scheduler = CosineAnnealingWithWarmupScheduler(
+        t_warmup=cfg.scheduler.t_warmup, alpha_f=cfg.scheduler.alpha_f
+    )
+    loggers = []
+    for name, options in cfg.loggers.items():
+        if name not in LOGGERS:
+            raise ConfigError(f"unknown logger {name!r}; valid: {sorted(LOGGERS)}")
+        try:
+            loggers.append(LOGGERS[name](**options))
+        except TypeError as err:
+            raise ConfigError(f"loggers.{name}: {err}") from err
+
+    return Trainer(
+        model=model,
+        train_dataloader=train_spec,
+        eval_dataloader=evaluators or None,
+        eval_interval=cfg.eval_data.interval,
+        max_duration=cfg.max_duration,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        algorithms=[cabs],
+        callbacks=[ConceptDiversityMonitor()],
+        loggers=loggers,
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        precision=cfg.precision,
+        device=cfg.device,
+        # Composer would default the microbatch to the loader's batch, the superbatch; the model
+        # only ever sees the kept share.
+        device_train_microbatch_size=cfg.device_train_microbatch_size
+        or cfg.global_train_batch_size // world,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_latest_filename=cfg.save_latest_filename,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        progress_bar=cfg.progress_bar,
+        log_to_console=cfg.log_to_console,
+        console_log_interval=cfg.console_log_interval,
+    )
+
+
+def final_metrics(trainer: Trainer) -> dict[str, float]:
+    """The last computed evaluation metrics as ``{"<label>/<metric>": value}``."""
+    out: dict[str, float] = {}
+    for label, metrics in trainer.state.eval_metrics.items():
+        for name, metric in metrics.items():
+            value = metric.compute()
+            if isinstance(value, dict):
+                for key, v in value.items():
+                    out[f"{label}/{key}"] = float(v)
+            else:
+                out[f"{label}/{name}"] = float(value)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``train.py RECIPE.yaml [key=value ...]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.split("\n\n")[0])
+        print("usage: composer train.py yamls/<recipe>.yaml [key=value ...]")
+        return 0 if argv else 2
+    logging.basicConfig(level=os.environ.get("CABS_LOG_LEVEL", "WARNING"))
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        trainer = build_trainer(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    trainer.fit()
+    metrics = final_metrics(trainer)
+    if dist.get_global_rank() == 0:
+        print(json.dumps({"final_eval": metrics}, indent=2))
+        if cfg.metrics_file:
+            folder = os.path.dirname(cfg.metrics_file)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            with open(cfg.metrics_file, "w", encoding="utf-8") as f:
+                json.dump(metrics, f, indent=2)
+    trainer.close()
+    return 0

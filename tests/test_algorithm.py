@@ -1,0 +1,96 @@
+"""The Composer adapter around the selection engine, without a Trainer (see test_train.py)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cabs_streaming.algorithm import (
+    ConceptAwareBatchSampling,
+    gather_concepts,
+    keep_per_rank,
+    selection_digest,
+)
+from cabs_streaming.config import ConfigError
+from cabs_streaming.dataset import ConceptCollator
+from cabs_streaming.decode import ImageDecoder
+from cabs_streaming.train import superbatch_per_rank
+
+
+def jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((48, 40, 3)) * 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def superbatch(concepts: list[list[int]]) -> dict:
+    samples = [
+        {"key": f"s{i}", "image": jpeg(i), "caption": f"caption {i}", "concepts": np.array(c)}
+        for i, c in enumerate(concepts)
+    ]
+    return ConceptCollator()(samples)
+
+
+def algorithm(**kwargs) -> ConceptAwareBatchSampling:
+    decoder = ImageDecoder(32, is_train=True, seed=3, num_threads=1)
+    return ConceptAwareBatchSampling(decoder=decoder, tokenizer="ViT-B-32", **kwargs)
+
+
+def test_keep_per_rank_must_be_whole():
+    assert keep_per_rank(80, 0.8) == 16
+    assert keep_per_rank(16, 0.0) == 16
+    with pytest.raises(ValueError, match="not a whole number"):
+        keep_per_rank(81, 0.8)
+
+
+def test_superbatch_per_rank_from_the_global_batch():
+    assert superbatch_per_rank(4096, 4, 0.8) == 5120
+    assert superbatch_per_rank(32, 2, 0.0) == 16
+    with pytest.raises(ConfigError, match="does not divide over 3 ranks"):
+        superbatch_per_rank(32, 3, 0.8)
+    with pytest.raises(ConfigError, match="not a whole number"):
+        superbatch_per_rank(30, 2, 0.6)  # 15 / 0.4 = 37.5
+
+
+def test_gather_on_one_process_returns_the_local_arrays():
+    batch = superbatch([[1, 2], [], [3]])
+    offsets, ids = gather_concepts(batch["concept_offsets"], batch["concept_ids"])
+    assert offsets.tolist() == [0, 2, 2, 3]
+    assert ids.tolist() == [1, 2, 3]
+
+
+def test_digest_tells_selections_apart():
+    a = np.array([[0, 2], [1, 3]])
+    assert selection_digest(a) == selection_digest(a.copy())
+    assert selection_digest(a) != selection_digest(np.array([[0, 2], [1, 4]]))
+
+
+def test_kept_batch_decodes_and_tokenizes_only_the_kept_samples():
+    batch = superbatch([[0], [0], [1], [0, 1], []])
+    cabs = algorithm(filter_ratio=0.6, policy="diversity")
+    kept = np.array([1, 3])
+    out = cabs.kept_batch(batch, kept, step=4, rank=0)
+    assert out["keys"] == ["s1", "s3"]
+    assert out["images"].shape == (2, 3, 32, 32) and out["images"].dtype == torch.float32
+    assert out["text"].shape[0] == 2
+    expected = ImageDecoder(32, is_train=True, seed=3, num_threads=1)(
+        [batch["image_bytes"][1], batch["image_bytes"][3]], ["s1", "s3"], step=4, rank=0
+    )
+    assert torch.equal(out["images"], expected)
+
+
+def test_state_dict_is_plain_and_a_changed_policy_warns():
+    saved = algorithm(filter_ratio=0.8, policy="diversity").state_dict()
+    assert saved["policy"] == {"name": "diversity", "concept_cap": None, "official_compat": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        algorithm(filter_ratio=0.8, policy="diversity").load_state_dict(saved)
+    with pytest.warns(UserWarning, match="different CABS configuration"):
+        algorithm(filter_ratio=0.8, policy="frequency").load_state_dict(saved)
