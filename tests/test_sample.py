@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from streaming import StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
 
 from cabs_streaming.concepts import (
     MDS_COLUMNS,
@@ -34,7 +33,8 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def _load_split(name: str) -> list[dict]:
-    clean_stale_shared_memory()
+    # No clean_stale_shared_memory() here: it unlinks every Streaming shared-memory block on the
+    # machine, live ones of other tests included; with remote=None stale blocks cannot conflict.
     ds = StreamingDataset(local=str(SAMPLE / name), remote=None, batch_size=16, shuffle=False)
     return [ds[i] for i in range(len(ds))]
 
