@@ -1,7 +1,7 @@
 """tools/convert_to_mds.py (cabs_streaming.convert): every input format in, MDS schema v1 out.
 
-Inputs are built here from real image files (the embedded sample's JPEGs when present, plus PNG and
-WebP) and every written dataset is read back with ``streaming.StreamingDataset``.
+Inputs are built here from real image files (the embedded sample's JPEGs, plus PNG and WebP) and
+every written dataset is read back with ``streaming.StreamingDataset``.
 """
 
 from __future__ import annotations
@@ -16,20 +16,16 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from paths import ROOT, SAMPLE
 from PIL import Image
 from streaming import StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
 from cabs_streaming.concepts import Vocabulary, decode_concepts, decode_scores
 from cabs_streaming.convert import SKIP_REASONS, ConversionError, convert, main
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_TRAIN = REPO / "data" / "sample" / "train"
-
 
 # ---------------------------------------------------------------------------------------------
 # Real images
@@ -39,26 +35,12 @@ SAMPLE_TRAIN = REPO / "data" / "sample" / "train"
 def _sample_jpegs(tmp: Path, count: int) -> list[bytes]:
     """JPEG bytes of the embedded sample (schema v1: ``image`` holds the file as found)."""
     dataset = StreamingDataset(
-        remote=str(SAMPLE_TRAIN), local=str(tmp / "sample-cache"), batch_size=1, shuffle=False
+        remote=str(SAMPLE / "train"), local=str(tmp / "sample-cache"), batch_size=1, shuffle=False
     )
-    jpegs = [bytes(dataset[i]["image"]) for i in range(min(count, dataset.num_samples))]
+    jpegs = [bytes(dataset[i]["image"]) for i in range(count)]
     del dataset
-    return [j for j in jpegs if j[:2] == b"\xff\xd8"]
-
-
-def _generated_jpegs(count: int) -> list[bytes]:
-    """Stand-in photos (smooth colour fields with texture) when the sample is not there."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:64, 0:64] / 63.0
-    out = []
-    for _ in range(count):
-        a, b, c = rng.random(3)
-        base = np.stack([a * xx + (1 - a) * yy, b * yy, c * (1 - xx)], axis=-1)
-        pixels = np.clip(base * 255 + rng.normal(0, 12, (64, 64, 3)), 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return out
+    assert all(j[:2] == b"\xff\xd8" for j in jpegs), "the sample's images are JPEG files"
+    return jpegs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,12 +51,8 @@ def _fresh_shared_memory() -> None:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[bytes]]:
     """Distinct real JPEGs, plus a PNG and a WebP re-encoded from one of them."""
-    jpegs: list[bytes] = []
-    if (SAMPLE_TRAIN / "index.json").exists():
-        jpegs = _sample_jpegs(tmp_path_factory.mktemp("sample"), 24)
-    if len(set(jpegs)) < 16:
-        jpegs = _generated_jpegs(24)
-    jpegs = list(dict.fromkeys(jpegs))
+    jpegs = list(dict.fromkeys(_sample_jpegs(tmp_path_factory.mktemp("sample"), 24)))
+    assert len(jpegs) >= 16, f"only {len(jpegs)} distinct JPEGs among the sample's first 24"
     pixels = Image.open(io.BytesIO(jpegs[0])).convert("RGB")
     encoded = {}
     for fmt in ("PNG", "WEBP"):
@@ -663,9 +641,26 @@ def test_cli_prints_the_report_and_exits_1_on_damaged_input(
 
 def test_tools_script_runs_from_a_checkout(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_to_mds.py"), "--help"],
+        [sys.executable, str(ROOT / "tools" / "convert_to_mds.py"), "--help"],
         capture_output=True, text=True, check=False, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "--extend-vocabulary" in result.stdout
 
+
+
+def test_shards_carry_hashes_that_streaming_validates(
+    tmp_path: Path, images: dict[str, list[bytes]]
+) -> None:
+    """index.json records xxh64 per shard, and a reader with validate_hash accepts the shards."""
+    tar = write_tar(tmp_path / "h.tar", [
+        wds(f"k{i}", images["jpg"][i], {"caption": f"item {i}", "classes": ["dog"]})
+        for i in range(3)
+    ])
+    run([tar], "webdataset", tmp_path / "out")
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert all("xxh64" in shard["raw_data"]["hashes"] for shard in index["shards"])
+    dataset = StreamingDataset(
+        local=str(tmp_path / "out"), batch_size=1, shuffle=False, validate_hash="xxh64"
+    )
+    assert [sample["key"] for sample in dataset] == ["k0", "k1", "k2"]

@@ -1,7 +1,7 @@
 """ConceptStreamingDataset and ConceptCollator: samples, captions, vocabulary, batches, resumption.
 
 The fixture writes a small MDS dataset (schema v1) of real JPEG tiles cut from matplotlib's
-grace_hopper.jpg; the embedded sample under data/sample is also checked when it exists.
+grace_hopper.jpg; the embedded sample under data/sample is checked too.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 import open_clip
 import pytest
 import torch
+from paths import PHOTO, SAMPLE
 from PIL import Image
 from streaming import MDSWriter, Stream
 from streaming.base.util import clean_stale_shared_memory
@@ -41,8 +41,6 @@ from cabs_streaming.dataset import (
     num_samples_in_batch,
 )
 
-PHOTO = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 NAMES = ["person", "tie", "flag", "uniform", "medal", "hair", "face"]
 NUM_SAMPLES = 96
 SUPERBATCH = 8
@@ -470,14 +468,11 @@ def test_state_before_any_iteration_resumes_at_the_start(
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (SAMPLE / "train").is_dir(), reason="embedded sample not present")
 @pytest.mark.parametrize("split", ["train", "eval_classification", "eval_retrieval"])
 def test_embedded_sample_splits_load_with_their_vocabulary(split: str) -> None:
-    if not (SAMPLE / split).is_dir():
-        pytest.skip(f"data/sample/{split} not present")
     dataset = ConceptStreamingDataset(local=str(SAMPLE / split), batch_size=4)
     assert len(dataset.vocabulary) > 0
-    batch = collate_concepts([dataset[i] for i in range(min(4, len(dataset)))])
+    batch = collate_concepts([dataset[i] for i in range(4)])
     ids = batch["concept_ids"]
     assert ids.numel() == 0 or int(ids.max()) < len(dataset.vocabulary)
     for image in batch["image_bytes"]:

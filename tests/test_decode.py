@@ -1,7 +1,7 @@
 """Deferred decoding: open_clip transforms on kept images only, deterministic and draft-accelerated.
 
 Real photographs: matplotlib's grace_hopper.jpg (512x600; matplotlib is a dependency of
-mosaicml-streaming) and the embedded sample's JPEGs when data/sample exists.
+mosaicml-streaming) and the embedded sample's JPEGs.
 """
 
 from __future__ import annotations
@@ -9,13 +9,12 @@ from __future__ import annotations
 import io
 import math
 import pickle
-from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as F
+from paths import PHOTO, SAMPLE
 from PIL import Image
 
 from cabs_streaming.decode import (
@@ -24,9 +23,6 @@ from cabs_streaming.decode import (
     ImageDecoder,
     random_resized_crop_params,
 )
-
-PHOTO = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
-SAMPLE_TRAIN = Path(__file__).resolve().parents[1] / "data" / "sample" / "train"
 
 # Draft vs full decode, normalised units (1 grey level is about 0.015).
 MEAN_TOL = 0.05
@@ -244,15 +240,14 @@ def test_decoder_pickles_without_its_thread_pool(photo: bytes) -> None:
     clone.close()
 
 
-@pytest.mark.skipif(not SAMPLE_TRAIN.is_dir(), reason="embedded sample data/sample not present")
 def test_embedded_sample_images_match_the_open_clip_eval_transform() -> None:
     from streaming.base.util import clean_stale_shared_memory
 
     from cabs_streaming.dataset import ConceptStreamingDataset
 
     clean_stale_shared_memory()
-    dataset = ConceptStreamingDataset(local=str(SAMPLE_TRAIN))
-    samples = [dataset[i] for i in range(min(8, len(dataset)))]
+    dataset = ConceptStreamingDataset(local=str(SAMPLE / "train"))
+    samples = [dataset[i] for i in range(8)]
     images, keys = [s["image"] for s in samples], [s["key"] for s in samples]
     decoder = ImageDecoder(64, is_train=False, draft=False)
     out = decoder(images, keys)

@@ -1,14 +1,12 @@
 """Zero-shot classification and retrieval: metrics, classifier caching, loaders and evaluators.
 
 The evaluator tests read the embedded sample (``data/sample/eval_classification`` and
-``eval_retrieval``) when it exists, else small MDS sets of real JPEG tiles cut from matplotlib's
-grace_hopper.jpg written by the fixtures.
+``eval_retrieval``); the two-rank tests also use odd-sized copies of their first samples.
 """
 
 from __future__ import annotations
 
 import gc
-import io
 import json
 import os
 import shutil
@@ -20,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
-import matplotlib
 import numpy as np
 import open_clip
 import pytest
@@ -29,16 +26,11 @@ import torch.nn.functional as F
 from composer import DataSpec, Trainer
 from composer.loggers import InMemoryLogger
 from composer.utils.reproducibility import seed_all
-from PIL import Image
+from paths import ROOT, SAMPLE
 from streaming import MDSWriter, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
-from cabs_streaming.concepts import (
-    MDS_COLUMNS,
-    Vocabulary,
-    encode_concepts,
-    encode_scores,
-)
+from cabs_streaming.concepts import MDS_COLUMNS, Vocabulary
 from cabs_streaming.dataset import num_samples_in_batch
 from cabs_streaming.evaluation import (
     RETRIEVAL_METRICS,
@@ -55,11 +47,6 @@ from cabs_streaming.evaluation import (
     retrieval_recalls,
 )
 from cabs_streaming.model import ComposerCLIP
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = Path(os.environ.get("CABS_SAMPLE_DIR", ROOT / "data" / "sample"))
-PHOTO = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
-FALLBACK_CLASSES = ["person", "flag", "tie"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,20 +67,6 @@ def _release_datasets() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _tiles(n: int, seed: int, size: int = 80) -> list[bytes]:
-    photo = Image.open(PHOTO).convert("RGB")
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        side = int(rng.integers(size, 400))
-        left = int(rng.integers(0, photo.width - side))
-        top = int(rng.integers(0, photo.height - side))
-        buf = io.BytesIO()
-        photo.crop((left, top, left + side, top + side)).resize((size, size)).save(buf, "JPEG")
-        out.append(buf.getvalue())
-    return out
-
-
 def _write(out: Path, rows: list[dict], names: list[str]) -> str:
     with MDSWriter(out=str(out), columns=MDS_COLUMNS, size_limit=1 << 16) as writer:
         for row in rows:
@@ -102,37 +75,12 @@ def _write(out: Path, rows: list[dict], names: list[str]) -> str:
     return str(out)
 
 
-def _row(key: str, image: bytes, caption: str, concepts: list[int]) -> dict:
-    return {
-        "key": key,
-        "image": image,
-        "caption": caption,
-        "recaption": "",
-        "concepts": encode_concepts(concepts),
-        "concept_scores": encode_scores([1.0] * len(concepts)),
-    }
-
-
 @pytest.fixture(scope="module")
-def eval_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """``classification`` and ``retrieval`` MDS dirs: the embedded sample, else tiles."""
-    if (SAMPLE / "eval_classification" / "index.json").exists():
-        return {
-            "classification": str(SAMPLE / "eval_classification"),
-            "retrieval": str(SAMPLE / "eval_retrieval"),
-        }
-    root = tmp_path_factory.mktemp("eval")
-    classification = [
-        _row(f"cls{i}", image, FALLBACK_CLASSES[i % 3], [i % 3])
-        for i, image in enumerate(_tiles(31, seed=1))
-    ]
-    retrieval = [
-        _row(f"ret{i}", image, f"photo {i} of a {FALLBACK_CLASSES[i % 3]}", [i % 3])
-        for i, image in enumerate(_tiles(21, seed=2))
-    ]
+def eval_sets() -> dict[str, str]:
+    """``classification`` and ``retrieval`` MDS dirs: the embedded sample's evaluation splits."""
     return {
-        "classification": _write(root / "classification", classification, FALLBACK_CLASSES),
-        "retrieval": _write(root / "retrieval", retrieval, FALLBACK_CLASSES),
+        "classification": str(SAMPLE / "eval_classification"),
+        "retrieval": str(SAMPLE / "eval_retrieval"),
     }
 
 
@@ -141,10 +89,9 @@ def odd_eval_sets(tmp_path_factory: pytest.TempPathFactory, eval_sets) -> dict[s
     """Odd-sized copies of the first samples of ``eval_sets``, so two ranks need padding."""
     root = tmp_path_factory.mktemp("odd")
     out = {}
-    for kind, size in (("classification", 45), ("retrieval", 33)):
+    for kind, n in (("classification", 45), ("retrieval", 33)):  # odd
         source = StreamingDataset(local=eval_sets[kind], batch_size=1, shuffle=False)
-        n = min(size, source.num_samples)
-        n -= 1 - n % 2  # odd
+        assert source.num_samples > n, (kind, source.num_samples)
         rows = [source.get_item(i) for i in range(n)]
         rows = [{column: row[column] for column in MDS_COLUMNS} for row in rows]
         names = Vocabulary.load(eval_sets[kind]).names
@@ -426,7 +373,8 @@ def test_fit_evaluates_at_the_interval_and_at_the_end_with_one_classifier_per_pa
     monkeypatch.setattr(
         open_clip, "build_zero_shot_classifier", lambda *a, **k: builds.append(1) or build(*a, **k)
     )
-    train = next(iter(evaluators[1].dataloader.dataloader))  # >= 21 real image-caption pairs
+    train = next(iter(evaluators[1].dataloader.dataloader))  # the sample's first 50 pairs
+    assert len(train["keys"]) == 50
     batches = [{k: v[i : i + 6] for k, v in train.items()} for i in range(0, 18, 6)]
     logger = InMemoryLogger()
     trainer = Trainer(

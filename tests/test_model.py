@@ -2,14 +2,12 @@
 
 Training batches follow the contract with the CABS algorithm: ``{"images": float32 [k, 3, H, W]
 (decoded by ImageDecoder), "text": int64 [k, context_length], "keys": list[str]}``. Images are
-real: the embedded sample's train split when it exists, else JPEG tiles of matplotlib's
-grace_hopper.jpg.
+real: the first samples of the embedded sample's train split.
 """
 
 from __future__ import annotations
 
 import gc
-import io
 import json
 import math
 import os
@@ -22,7 +20,6 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import open_clip
 import pytest
@@ -30,15 +27,12 @@ import torch
 from composer import DataSpec, Trainer
 from composer.loggers import InMemoryLogger
 from composer.utils.reproducibility import seed_all
-from PIL import Image
+from paths import ROOT, SAMPLE
 from streaming.base.util import clean_stale_shared_memory
 
 from cabs_streaming.dataset import ConceptStreamingDataset, num_samples_in_batch
 from cabs_streaming.model import MODEL_CONFIG_DIR, SIGLIP_DIST_IMPLS, ComposerCLIP
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = Path(os.environ.get("CABS_SAMPLE_DIR", ROOT / "data" / "sample"))
-PHOTO = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
 BATCH = 8
 
 
@@ -49,35 +43,14 @@ def _clean_shared_memory() -> Iterator[None]:
     gc.collect()
 
 
-def _tiles(n: int, size: int = 96) -> list[bytes]:
-    photo = Image.open(PHOTO).convert("RGB")
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        side = int(rng.integers(size, 400))
-        left = int(rng.integers(0, photo.width - side))
-        top = int(rng.integers(0, photo.height - side))
-        buf = io.BytesIO()
-        photo.crop((left, top, left + side, top + side)).resize((size, size)).save(buf, "JPEG")
-        out.append(buf.getvalue())
-    return out
-
-
 @pytest.fixture(scope="module")
 def samples() -> list[tuple[str, bytes, str]]:
-    """``BATCH`` real (key, encoded image, caption) triples."""
-    if (SAMPLE / "train" / "index.json").exists():
-        dataset = ConceptStreamingDataset(
-            local=str(SAMPLE / "train"), batch_size=BATCH, shuffle=False
-        )
-        out = [(s["key"], s["image"], s["caption"]) for s in (dataset[i] for i in range(BATCH))]
-        del dataset
-        gc.collect()
-        return out
-    captions = ["a woman in uniform", "a flag", "a tie", "a medal", "hair", "a face"]
-    return [
-        (f"tile{i}", image, captions[i % len(captions)]) for i, image in enumerate(_tiles(BATCH))
-    ]
+    """The first ``BATCH`` (key, encoded image, caption) triples of the sample's train split."""
+    dataset = ConceptStreamingDataset(local=str(SAMPLE / "train"), batch_size=BATCH, shuffle=False)
+    out = [(s["key"], s["image"], s["caption"]) for s in (dataset[i] for i in range(BATCH))]
+    del dataset
+    gc.collect()
+    return out
 
 
 def _batch(model: ComposerCLIP, samples: list[tuple[str, bytes, str]]) -> dict:

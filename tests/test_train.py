@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,14 +13,13 @@ import pytest
 import torch
 from composer import Callback, Trainer
 from composer.utils import reproducibility
+from paths import ROOT, SAMPLE
 from torch.utils.data import DataLoader
 
 from cabs_streaming.config import load_config
 from cabs_streaming.dataset import ConceptCollator, ConceptStreamingDataset
 from cabs_streaming.train import build_trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = Path(os.environ.get("CABS_SAMPLE_DIR", ROOT / "data" / "sample"))
 QUICKSTART = ROOT / "yamls" / "quickstart.yaml"
 BIN = Path(sys.executable).parent
 
