@@ -1119,6 +1119,7 @@ def convert(
     recaption_column: str | None = None,
     size_limit: int | str | None = 1 << 26,
     compression: str | None = None,
+    hashes: Sequence[str] = ("xxh64",),
     max_samples_per_shard: int | None = None,
     examples_per_reason: int = 5,
     progress: bool = True,
@@ -1149,6 +1150,8 @@ def convert(
         recaption_column: Optional parquet column of synthetic captions.
         size_limit: ``MDSWriter`` shard size limit (bytes or a string such as ``"64mb"``).
         compression: ``MDSWriter`` compression (e.g. ``"zstd"``), none by default.
+        hashes: Shard hashes written into ``index.json`` (``xxh64`` by default, cheap), so
+            that readers can pass ``validate_hash`` and a corrupt shard is caught by name.
         max_samples_per_shard: Also start a new shard after this many samples.
         examples_per_reason: Example samples listed per skip reason in the report.
         progress: Show tqdm progress bars (on stderr).
@@ -1176,8 +1179,15 @@ def convert(
     # Import the writer's stack (torch comes with it) once, here: forked workers inherit it
     # instead of each spending seconds importing it again.
     from streaming.base.compression import is_compression
+    from streaming.base.hashing import get_hashes
     from streaming.base.util import bytes_to_int
 
+    unknown_hashes = sorted(set(hashes) - set(get_hashes()))
+    if unknown_hashes:
+        raise ConversionError(
+            f"--hashes {unknown_hashes} are not MDS hash algorithms; choose from "
+            f"{sorted(get_hashes())}"
+        )
     if compression and not is_compression(compression):
         raise ConversionError(
             f"--compression {compression!r} is not an MDS compression; try zstd, gz, br or bz2"
@@ -1258,7 +1268,11 @@ def convert(
             shutil.rmtree(out)
         runs = _split_contiguous(records, processes)
         part_names = [f"part-{i:05d}" for i in range(len(runs))] if len(runs) > 1 else []
-        writer_kwargs: dict[str, Any] = {"size_limit": size_limit, "compression": compression}
+        writer_kwargs: dict[str, Any] = {
+            "size_limit": size_limit,
+            "compression": compression,
+            "hashes": list(hashes),
+        }
         tasks = [
             _PartTask(
                 out=f"{out.rstrip('/')}/{part_names[i]}" if part_names else out,
@@ -1370,6 +1384,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size-limit", default="64mb", metavar="BYTES",
                         help="MDS shard size limit, bytes or e.g. 64mb (default: 64mb)")
     parser.add_argument("--compression", metavar="NAME", help="MDS shard compression, e.g. zstd")
+    parser.add_argument("--hashes", nargs="*", default=["xxh64"], metavar="ALGO",
+                        help="shard hashes written to index.json for validate_hash "
+                        "(default: xxh64; none with an empty list)")
     parser.add_argument("--max-samples-per-shard", type=int, metavar="N",
                         help="also start a new shard after this many samples")
     parser.add_argument("--examples-per-reason", type=int, default=5, metavar="N",
@@ -1401,6 +1418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             recaption_column=args.recaption_column,
             size_limit=size_limit,
             compression=args.compression,
+            hashes=args.hashes,
             max_samples_per_shard=args.max_samples_per_shard,
             examples_per_reason=args.examples_per_reason,
             progress=not args.no_progress,
