@@ -22,7 +22,6 @@ import pytest
 from paths import ROOT, SAMPLE
 from PIL import Image
 from streaming import StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
 
 from cabs_streaming.concepts import Vocabulary, decode_concepts, decode_scores
 from cabs_streaming.convert import SKIP_REASONS, ConversionError, convert, main
@@ -41,11 +40,6 @@ def _sample_jpegs(tmp: Path, count: int) -> list[bytes]:
     del dataset
     assert all(j[:2] == b"\xff\xd8" for j in jpegs), "the sample's images are JPEG files"
     return jpegs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fresh_shared_memory() -> None:
-    clean_stale_shared_memory()
 
 
 @pytest.fixture(scope="module")

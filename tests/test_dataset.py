@@ -10,7 +10,6 @@ import gc
 import io
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import torch
 from paths import PHOTO, SAMPLE
 from PIL import Image
 from streaming import MDSWriter, Stream
-from streaming.base.util import clean_stale_shared_memory
 from torch.utils.data import DataLoader
 
 from cabs_streaming.concepts import (
@@ -52,19 +50,6 @@ class Record:
     caption: str
     recaption: str
     concepts: list[int]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _clean_shared_memory() -> Iterator[None]:
-    clean_stale_shared_memory()
-    yield
-    gc.collect()
-
-
-@pytest.fixture(autouse=True)
-def _release_datasets() -> Iterator[None]:
-    yield
-    gc.collect()  # datasets release their shared memory in __del__
 
 
 def _tiles(n: int, size: int = 64) -> list[bytes]:

@@ -241,11 +241,8 @@ def test_decoder_pickles_without_its_thread_pool(photo: bytes) -> None:
 
 
 def test_embedded_sample_images_match_the_open_clip_eval_transform() -> None:
-    from streaming.base.util import clean_stale_shared_memory
-
     from cabs_streaming.dataset import ConceptStreamingDataset
 
-    clean_stale_shared_memory()
     dataset = ConceptStreamingDataset(local=str(SAMPLE / "train"))
     samples = [dataset[i] for i in range(8)]
     images, keys = [s["image"] for s in samples], [s["key"] for s in samples]

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +27,6 @@ from composer.loggers import InMemoryLogger
 from composer.utils.reproducibility import seed_all
 from paths import ROOT, SAMPLE
 from streaming import MDSWriter, StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
 
 from cabs_streaming.concepts import MDS_COLUMNS, Vocabulary
 from cabs_streaming.dataset import num_samples_in_batch
@@ -47,20 +45,6 @@ from cabs_streaming.evaluation import (
     retrieval_recalls,
 )
 from cabs_streaming.model import ComposerCLIP
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _clean_shared_memory() -> Iterator[None]:
-    clean_stale_shared_memory()
-    yield
-    gc.collect()
-
-
-@pytest.fixture(autouse=True)
-def _release_datasets() -> Iterator[None]:
-    yield
-    gc.collect()  # streaming datasets release their shared memory in __del__
-
 
 # ------------------------------------------------------------------------------------------------
 # Data

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +27,11 @@ from composer import DataSpec, Trainer
 from composer.loggers import InMemoryLogger
 from composer.utils.reproducibility import seed_all
 from paths import ROOT, SAMPLE
-from streaming.base.util import clean_stale_shared_memory
 
 from cabs_streaming.dataset import ConceptStreamingDataset, num_samples_in_batch
 from cabs_streaming.model import MODEL_CONFIG_DIR, SIGLIP_DIST_IMPLS, ComposerCLIP
 
 BATCH = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _clean_shared_memory() -> Iterator[None]:
-    clean_stale_shared_memory()
-    yield
-    gc.collect()
 
 
 @pytest.fixture(scope="module")
