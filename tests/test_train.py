@@ -48,7 +48,7 @@ class LossRecorder(Callback):
 
 def test_quickstart_on_two_gloo_ranks(tmp_path):
     """composer -n 2 train.py yamls/quickstart.yaml, shortened: it finishes and learns."""
-    log_file = tmp_path / "train.log"
+    log_file = tmp_path / "train-rank0.log"  # each rank writes its own: train-rank{rank}.log
     args = overrides(
         tmp_path,
         "max_duration=10ba",
@@ -56,7 +56,7 @@ def test_quickstart_on_two_gloo_ranks(tmp_path):
         "save_interval=10ba",
         "scheduler.t_warmup=0ba",
         "optimizer.lr=2e-3",
-        f"loggers.file.filename={log_file}",
+        f"loggers.file.filename={tmp_path}/train-rank{{rank}}.log",
         "loggers.file.capture_stdout=false",
         "loggers.file.capture_stderr=false",
         "loggers.file.flush_interval=1",
@@ -93,6 +93,7 @@ def test_one_step_single_process(tmp_path, model, loss):
         QUICKSTART,
         overrides(
             tmp_path, f"model.name={model}", f"model.loss={loss}", "max_duration=1ba",
+            "scheduler.t_warmup=0ba",  # a warmup would start at lr 0: nothing would move
             "eval_data.zeroshot=null", "eval_data.retrieval=null", "train_data.num_workers=0",
         ),
     )
