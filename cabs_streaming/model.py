@@ -435,20 +435,10 @@ class ComposerCLIP(ComposerModel):
         """
         ids = key_ids(batch["keys"]) if "keys" in batch else None
         if isinstance(metric, ZeroShotAccuracy):
-            if "logits" not in outputs:
-                raise ValueError(
-                    f"{type(metric).__name__} needs a classification batch; give the evaluator "
-                    f"metric_names for its kind (zero-shot: {list(ZEROSHOT_METRICS)}, "
-                    f"retrieval: {list(RETRIEVAL_METRICS)})"
-                )
+            _require(metric, outputs, "logits", "classification")
             metric.update(outputs["logits"], batch["labels"], ids)
         elif isinstance(metric, ImageTextRetrievalScore):
-            if "text_features" not in outputs:
-                raise ValueError(
-                    f"{type(metric).__name__} needs a retrieval batch; give the evaluator "
-                    f"metric_names for its kind (zero-shot: {list(ZEROSHOT_METRICS)}, "
-                    f"retrieval: {list(RETRIEVAL_METRICS)})"
-                )
+            _require(metric, outputs, "text_features", "retrieval")
             metric.update(outputs["image_features"], outputs["text_features"], ids)
         else:
             raise TypeError(f"ComposerCLIP does not know how to update {type(metric).__name__}")
@@ -470,3 +460,12 @@ class ComposerCLIP(ComposerModel):
         }
         metrics.update({name: ImageTextRetrievalScore(score=name) for name in RETRIEVAL_METRICS})
         return metrics
+
+
+def _require(metric: Any, outputs: dict[str, Any], key: str, kind: str) -> None:
+    """A metric given the other kind of eval batch: say which metric names go with which."""
+    if key not in outputs:
+        raise ValueError(
+            f"{type(metric).__name__} needs a {kind} batch; give the evaluator metric_names for "
+            f"its kind (zero-shot: {list(ZEROSHOT_METRICS)}, retrieval: {list(RETRIEVAL_METRICS)})"
+        )
