@@ -284,8 +284,7 @@ class ConceptAwareBatchSampling(Algorithm):
         )
         if self.verify_consensus:
             verify_consensus(result.kept, step, device)
-        kept = result.kept[rank]
-        state.batch = self.kept_batch(batch, kept, step=step, rank=rank)
+        state.batch = self.kept_batch(batch, result.for_rank(rank), step=step, rank=rank)
         self.last = SelectionRecord(step, offsets, ids, result.kept, n, result)
         logger.log_metrics(result.stats.as_dict(self.log_prefix))
         if self.selection_log:

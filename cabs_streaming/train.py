@@ -25,9 +25,8 @@ from cabs_streaming.algorithm import ConceptAwareBatchSampling, keep_per_rank
 from cabs_streaming.callbacks import ConceptDiversityMonitor
 from cabs_streaming.config import ConfigError, RunConfig, load_config
 from cabs_streaming.dataset import ConceptCollator, ConceptStreamingDataset, num_samples_in_batch
-from cabs_streaming.decode import ImageDecoder
 
-__all__ = ["build_trainer", "main", "superbatch_per_rank"]
+__all__ = ["build_optimizer", "build_scheduler", "build_trainer", "main", "superbatch_per_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +80,23 @@ def _dataset_kwargs(cfg: RunConfig, batch_size: int) -> dict[str, Any]:
     return kwargs
 
 
+def build_optimizer(cfg: RunConfig, model: Any) -> torch.optim.Optimizer:
+    """AdamW over the model's parameter groups (no decay on gains, biases, temperature)."""
+    return torch.optim.AdamW(
+        model.param_groups(cfg.optimizer.weight_decay),
+        lr=cfg.optimizer.lr,
+        betas=tuple(cfg.optimizer.betas),
+        eps=cfg.optimizer.eps,
+    )
+
+
+def build_scheduler(cfg: RunConfig) -> CosineAnnealingWithWarmupScheduler:
+    """Cosine decay with linear warmup, in the recipe's time units."""
+    return CosineAnnealingWithWarmupScheduler(
+        t_warmup=cfg.scheduler.t_warmup, alpha_f=cfg.scheduler.alpha_f
+    )
+
+
 def build_trainer(cfg: RunConfig) -> Trainer:
     """Everything but ``fit``: useful for tests and notebooks."""
     from cabs_streaming.evaluation import build_evaluators
@@ -105,8 +121,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     )
     train_spec = DataSpec(loader, get_num_samples_in_batch=num_samples_in_batch)
 
-    decoder = ImageDecoder.from_model(
-        model.clip,
+    decoder = model.image_decoder(
         is_train=True,
         seed=cfg.seed,
         num_threads=cfg.decode.threads,
@@ -126,15 +141,6 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     )
 
     evaluators = build_evaluators(model, cfg.eval_data)
-    optimizer = torch.optim.AdamW(
-        model.param_groups(cfg.optimizer.weight_decay),
-        lr=cfg.optimizer.lr,
-        betas=tuple(cfg.optimizer.betas),
-        eps=cfg.optimizer.eps,
-    )
-    scheduler = CosineAnnealingWithWarmupScheduler(
-        t_warmup=cfg.scheduler.t_warmup, alpha_f=cfg.scheduler.alpha_f
-    )
     loggers = []
     for name, options in cfg.loggers.items():
         if name not in LOGGERS:
@@ -150,8 +156,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         eval_dataloader=evaluators or None,
         eval_interval=cfg.eval_data.interval,
         max_duration=cfg.max_duration,
-        optimizers=optimizer,
-        schedulers=scheduler,
+        optimizers=build_optimizer(cfg, model),
+        schedulers=build_scheduler(cfg),
         algorithms=[cabs],
         callbacks=[ConceptDiversityMonitor()],
         loggers=loggers,

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from cabs_streaming.config import load_config
 from cabs_streaming.dataset import ConceptCollator, ConceptStreamingDataset
-from cabs_streaming.train import build_trainer
+from cabs_streaming.train import build_optimizer, build_scheduler, build_trainer
 
 QUICKSTART = ROOT / "yamls" / "quickstart.yaml"
 BIN = Path(sys.executable).parent
@@ -154,19 +154,12 @@ def test_iid_at_filter_ratio_zero_equals_training_without_the_algorithm(tmp_path
         collate_fn=EagerCollator(decoder, model.tokenizer),
     )
     plain_recorder = LossRecorder()
-    from composer.optim import CosineAnnealingWithWarmupScheduler
-
     plain = Trainer(
         model=model,
         train_dataloader=loader,
         max_duration="3ba",
-        optimizers=torch.optim.AdamW(
-            model.param_groups(cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
-            betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
-        ),
-        schedulers=CosineAnnealingWithWarmupScheduler(
-            t_warmup=cfg.scheduler.t_warmup, alpha_f=cfg.scheduler.alpha_f
-        ),
+        optimizers=build_optimizer(cfg, model),
+        schedulers=build_scheduler(cfg),
         callbacks=[plain_recorder],
         seed=cfg.seed,
         device="cpu",

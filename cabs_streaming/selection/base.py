@@ -52,11 +52,6 @@ class Superbatch:
         """``n``, the superbatch size on each rank."""
         return self.size // self.world
 
-    @property
-    def lengths(self) -> np.ndarray:
-        """Instances per sample (``len(L_g)``), int64 ``[N]``."""
-        return np.diff(self.offsets)
-
     @classmethod
     def from_arrays(
         cls,
