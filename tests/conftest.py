@@ -2,9 +2,11 @@
 
 - The embedded sample is required by the tests, never silently replaced.
 - Shared memory left by a crashed earlier run is removed once, at the start (``streaming``'s
-  ``clean_stale_shared_memory``; it would also remove a concurrent run's blocks, so run one
-  pytest at a time, as the README's command does), and datasets are garbage-collected after
-  every test so that a fresh dataset on the same local directory can claim it.
+  ``clean_stale_shared_memory``), and datasets are garbage-collected after every test so that a
+  fresh dataset on the same local directory can claim it. That clean-up would also remove the
+  blocks of a pytest session running beside this one, so every session holds a shared lock on
+  one file for its lifetime and cleans only when it can take that lock exclusively, i.e. when
+  no other session is running.
 - Streaming 0.13 registers an ``atexit`` handler for every shared-memory block a dataset opens,
   so the handler list keeps each block (and its file descriptor) alive until the process ends:
   hundreds of datasets across the suite exhaust the 20,000 descriptors this machine allows. We
@@ -15,13 +17,18 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import gc
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import streaming.base.shared.memory as streaming_memory
 from paths import SAMPLE
 from streaming.base.util import clean_stale_shared_memory
+
+_SESSION_LOCK = pytest.StashKey[object]()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -30,7 +37,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"the embedded sample data/sample is missing ({SAMPLE / 'train' / 'index.json'} "
             "not found): regenerate it with tools/make_sample.py"
         )
-    clean_stale_shared_memory()
+    lock = (Path(tempfile.gettempdir()) / "cabs-streaming-pytest.lock").open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another session is running: its blocks are not stale
+        pass
+    else:
+        clean_stale_shared_memory()
+    fcntl.flock(lock, fcntl.LOCK_SH)  # held (the file stays open) until this process ends
+    session.config.stash[_SESSION_LOCK] = lock
 
 
 class _ModuleExitHandlers:
