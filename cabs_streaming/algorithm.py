@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +33,14 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from cabs_streaming.dataset import CaptionTokenizer
-from cabs_streaming.decode import ImageDecoder
-from cabs_streaming.selection import SelectionPolicy, SelectionResult, get_policy, select
+from cabs_streaming.decode import DecodedImage, ImageDecodeError, ImageDecoder
+from cabs_streaming.selection import (
+    SelectionPolicy,
+    SelectionResult,
+    get_policy,
+    select,
+    stand_ins,
+)
 
 __all__ = [
     "ConceptAwareBatchSampling",
@@ -45,6 +51,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: What ``on_decode_error`` accepts.
+DECODE_ERROR_MODES = ("raise", "replace")
 
 #: Keys ``ConceptCollator`` produces that selection needs.
 REQUIRED_KEYS = ("keys", "image_bytes", "concept_offsets", "concept_ids")
@@ -180,6 +189,14 @@ class ConceptAwareBatchSampling(Algorithm):
         selection_log: rank 0 appends one JSON line per step, ``{"step", "keys": [[rank 0 kept
             keys], ...]}``: an audit trail, and what the resumption tests compare.
         num_concepts: the vocabulary size, to reject out-of-range ids early (optional).
+        on_decode_error: a kept image that cannot be decoded either stops training with an
+            ``ImageDecodeError`` naming the sample (``"raise"``), or is replaced by the first of
+            this rank's unkept samples, in the policy's order of preference
+            (``SelectionPolicy.reserve``), whose image decodes (``"replace"``). The stand-in
+            takes the failed sample's slot and augmentation seed, so the choice is as
+            deterministic as the selection; each replacement is logged as a warning, counted
+            in ``cabs/decode_replaced``, kept in ``replacements`` and written to the selection
+            log.
         log_prefix: prefix of the logged statistics.
 
     Example::
@@ -206,10 +223,16 @@ class ConceptAwareBatchSampling(Algorithm):
         verify_consensus: bool = True,
         selection_log: str | os.PathLike | None = None,
         num_concepts: int | None = None,
+        on_decode_error: str = "raise",
         log_prefix: str = "cabs/",
     ) -> None:
         if not 0.0 <= filter_ratio < 1.0:
             raise ValueError(f"filter_ratio must lie in [0, 1), got {filter_ratio}")
+        if on_decode_error not in DECODE_ERROR_MODES:
+            raise ValueError(
+                f"on_decode_error must be one of {list(DECODE_ERROR_MODES)}, got "
+                f"{on_decode_error!r}"
+            )
         if isinstance(policy, str):
             policy = get_policy(policy, policy_options or {})
         elif policy_options:
@@ -224,8 +247,11 @@ class ConceptAwareBatchSampling(Algorithm):
         self.verify_consensus = verify_consensus
         self.selection_log = os.fspath(selection_log) if selection_log else None
         self.num_concepts = num_concepts
+        self.on_decode_error = on_decode_error
         self.log_prefix = log_prefix
         self.last: SelectionRecord | None = None
+        #: ``(step, rank, failed key, stand-in key)`` for every replaced image of this process.
+        self.replacements: list[tuple[int, int, str, str]] = []
 
     def __repr__(self) -> str:
         return (
@@ -284,21 +310,52 @@ class ConceptAwareBatchSampling(Algorithm):
         )
         if self.verify_consensus:
             verify_consensus(result.kept, step, device)
-        state.batch = self.kept_batch(batch, result.for_rank(rank), step=step, rank=rank)
+
+        def reserve() -> np.ndarray:
+            return stand_ins(
+                self.policy, offsets, ids, world, result.kept, rank, self.seed, step,
+                self.num_concepts,
+            )
+
+        replaced_before = len(self.replacements)
+        state.batch = self.kept_batch(
+            batch, result.for_rank(rank), step=step, rank=rank, reserve=reserve
+        )
+        replaced = self.replacements[replaced_before:]
         self.last = SelectionRecord(step, offsets, ids, result.kept, n, result)
-        logger.log_metrics(result.stats.as_dict(self.log_prefix))
+        metrics = result.stats.as_dict(self.log_prefix)
+        metrics[f"{self.log_prefix}decode_replaced"] = float(len(replaced))
+        logger.log_metrics(metrics)
         if self.selection_log:
-            self._append_log(step, state.batch["keys"])
+            self._append_log(step, state.batch["keys"], [r[2:] for r in replaced])
 
     def kept_batch(
-        self, batch: Mapping[str, Any], kept: np.ndarray, *, step: int, rank: int
+        self,
+        batch: Mapping[str, Any],
+        kept: np.ndarray,
+        *,
+        step: int,
+        rank: int,
+        reserve: Callable[[], np.ndarray] | None = None,
     ) -> dict[str, Any]:
-        """The model's batch from this rank's kept local indices: decode and tokenize only them."""
+        """The model's batch from this rank's kept local indices: decode and tokenize only them.
+
+        ``reserve`` gives the stand-ins for undecodable images (``on_decode_error="replace"``):
+        this rank's unkept local indices in the policy's order, computed only when needed.
+        """
         index = kept.tolist()
         keys = [batch["keys"][i] for i in index]
-        images = self.decoder([batch["image_bytes"][i] for i in index], keys, step=step, rank=rank)
+        decoded = self.decoder.decode_pixels(
+            [batch["image_bytes"][i] for i in index], keys, step=step, rank=rank,
+            errors="return",
+        )
+        failed = [slot for slot, d in enumerate(decoded) if isinstance(d, ImageDecodeError)]
+        if failed:
+            self._replace(batch, index, decoded, failed, step, rank, reserve)
+            keys = [batch["keys"][i] for i in index]
+        images = self.decoder.to_tensor(decoded)
         if "text" in batch:
-            text = batch["text"][torch.as_tensor(kept, dtype=torch.long)]
+            text = batch["text"][torch.as_tensor(index, dtype=torch.long)]
         elif self.tokenizer is not None:
             text = self.tokenizer([batch["captions"][i] for i in index])
         else:
@@ -309,16 +366,65 @@ class ConceptAwareBatchSampling(Algorithm):
             )
         return {"images": images, "text": text, "keys": keys}
 
-    def _append_log(self, step: int, kept_keys: Sequence[str]) -> None:
-        every_rank = dist.all_gather_object(list(kept_keys))
+    def _replace(
+        self,
+        batch: Mapping[str, Any],
+        index: list[int],
+        decoded: list[Any],
+        failed: list[int],
+        step: int,
+        rank: int,
+        reserve: Callable[[], np.ndarray] | None,
+    ) -> None:
+        """Fill the failed slots of ``decoded``/``index`` in place, or raise (see the class)."""
+        first = decoded[failed[0]]
+        if self.on_decode_error == "raise" or reserve is None:
+            raise ImageDecodeError(
+                first.key,
+                f"{first.cause} (training step {step}, rank {rank}; with decode.on_error="
+                "replace the rank's next unkept sample would be trained on instead)",
+            )
+        candidates = iter(reserve().tolist())
+        for slot in failed:
+            bad_key = batch["keys"][index[slot]]
+            for candidate in candidates:
+                key = batch["keys"][candidate]
+                result = self.decoder.decode_or_error(
+                    batch["image_bytes"][candidate], key, step=step, rank=rank, index=slot
+                )
+                if isinstance(result, DecodedImage):
+                    break
+                log.warning("stand-in %r cannot be decoded either: %s", key, result)
+            else:
+                raise ImageDecodeError(
+                    bad_key,
+                    f"{decoded[slot].cause}; and no unkept sample of rank {rank} at step {step} "
+                    "decodes to replace it",
+                )
+            log.warning(
+                "step %d, rank %d: the image of kept sample %r cannot be decoded (%s); training "
+                "on %r instead (decode.on_error=replace)",
+                step, rank, bad_key, decoded[slot].cause, key,
+            )
+            self.replacements.append((step, rank, bad_key, key))
+            index[slot] = candidate
+            decoded[slot] = result
+
+    def _append_log(
+        self, step: int, kept_keys: Sequence[str], replaced: Sequence[tuple[str, str]]
+    ) -> None:
+        every_rank = dist.all_gather_object((list(kept_keys), [list(r) for r in replaced]))
         if dist.get_global_rank() != 0:
             return
         assert self.selection_log is not None
         folder = os.path.dirname(self.selection_log)
         if folder:
             os.makedirs(folder, exist_ok=True)
+        record: dict[str, Any] = {"step": step, "keys": [keys for keys, _ in every_rank]}
+        if any(pairs for _, pairs in every_rank):
+            record["replaced"] = [pairs for _, pairs in every_rank]
         with open(self.selection_log, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "keys": every_rank}) + "\n")
+            f.write(json.dumps(record) + "\n")
 
 
 def _collective_device(state: State) -> torch.device:

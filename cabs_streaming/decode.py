@@ -407,9 +407,19 @@ class ImageDecoder:
         return self._pool
 
     def decode_pixels(
-        self, images: Sequence[bytes], keys: Sequence[str], *, step: int = 0, rank: int = 0
-    ) -> list[DecodedImage]:
-        """Decode ``images`` in the thread pool, in order; ``ImageDecodeError`` names a bad key.
+        self,
+        images: Sequence[bytes],
+        keys: Sequence[str],
+        *,
+        step: int = 0,
+        rank: int = 0,
+        errors: str = "raise",
+    ) -> list[Any]:
+        """Decode ``images`` in the thread pool, in order, into ``DecodedImage`` s.
+
+        ``errors="raise"``: the first bad image raises ``ImageDecodeError`` naming its key.
+        ``errors="return"``: a bad image's slot holds its ``ImageDecodeError`` instead, so the
+        caller can replace it (``decode.on_error: replace``) without losing the others' work.
 
         This is the hook for other decoders: a GPU path (``torchvision.io.decode_jpeg(...,
         device='cuda')``) would replace this per-image CPU step and hand ``uint8`` images to
@@ -417,16 +427,40 @@ class ImageDecoder:
         """
         if len(images) != len(keys):
             raise ValueError(f"got {len(images)} images but {len(keys)} keys")
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        call = self.decode_one if errors == "raise" else self.decode_or_error
         if len(images) <= 1 or self.num_threads == 1:
             return [
-                self.decode_one(b, k, step=step, rank=rank, index=i)
+                call(b, k, step=step, rank=rank, index=i)
                 for i, (b, k) in enumerate(zip(images, keys, strict=True))
             ]
         futures = [
-            self._executor().submit(self.decode_one, b, k, step=step, rank=rank, index=i)
+            self._executor().submit(call, b, k, step=step, rank=rank, index=i)
             for i, (b, k) in enumerate(zip(images, keys, strict=True))
         ]
         return [f.result() for f in futures]
+
+    def decode_or_error(
+        self, data: bytes, key: str, *, step: int, rank: int, index: int
+    ) -> DecodedImage | ImageDecodeError:
+        """``decode_one``, with a bad image's ``ImageDecodeError`` returned instead of raised."""
+        try:
+            return self.decode_one(data, key, step=step, rank=rank, index=index)
+        except ImageDecodeError as err:
+            return err
+
+    def to_tensor(self, decoded: Sequence[DecodedImage]) -> torch.Tensor:
+        """Stack decoded images and normalise them on ``device``: ``float32 [n, 3, H, W]``."""
+        out_h, out_w = self.output_size
+        if not decoded:
+            return torch.empty((0, 3, out_h, out_w), dtype=torch.float32, device=self.device)
+        pixels = torch.from_numpy(np.stack([d.pixels for d in decoded]))
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        else:
+            pixels = pixels.to(self.device)
+        return self.normalize(pixels)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """``uint8 [n, H, W, 3]`` -> normalised ``float32 [n, 3, H, W]``, on ``pixels.device``.
@@ -448,16 +482,7 @@ class ImageDecoder:
         trainer's batch index and the global rank so that every step and rank crops differently
         and a resumed run crops exactly as the uninterrupted one.
         """
-        decoded = self.decode_pixels(images, keys, step=step, rank=rank)
-        out_h, out_w = self.output_size
-        if not decoded:
-            return torch.empty((0, 3, out_h, out_w), dtype=torch.float32, device=self.device)
-        pixels = torch.from_numpy(np.stack([d.pixels for d in decoded]))
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        else:
-            pixels = pixels.to(self.device)
-        return self.normalize(pixels)
+        return self.to_tensor(self.decode_pixels(images, keys, step=step, rank=rank))
 
     def close(self) -> None:
         """Stop the decoding threads (they are also stopped at interpreter exit)."""

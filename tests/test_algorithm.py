@@ -18,7 +18,7 @@ from cabs_streaming.algorithm import (
 )
 from cabs_streaming.config import ConfigError
 from cabs_streaming.dataset import ConceptCollator
-from cabs_streaming.decode import ImageDecoder
+from cabs_streaming.decode import ImageDecodeError, ImageDecoder
 from cabs_streaming.train import superbatch_per_rank
 
 
@@ -94,3 +94,48 @@ def test_state_dict_is_plain_and_a_changed_policy_warns():
         algorithm(filter_ratio=0.8, policy="diversity").load_state_dict(saved)
     with pytest.warns(UserWarning, match="different CABS configuration"):
         algorithm(filter_ratio=0.8, policy="frequency").load_state_dict(saved)
+
+
+def broken_jpeg() -> bytes:
+    return jpeg(99)[:40]  # a JPEG header and nothing else
+
+
+def test_an_undecodable_kept_image_raises_naming_the_sample_by_default():
+    batch = superbatch([[0], [1], [2], [3]])
+    batch["image_bytes"][1] = broken_jpeg()
+    cabs = algorithm(filter_ratio=0.5, policy="diversity")
+    with pytest.raises(ImageDecodeError, match=r"'s1'.*step 7, rank 0.*on_error=replace"):
+        cabs.kept_batch(batch, np.array([0, 1]), step=7, rank=0, reserve=lambda: np.array([2, 3]))
+    assert cabs.replacements == []
+
+
+def test_replace_trains_on_the_first_decodable_stand_in_in_the_slot_of_the_failed_one():
+    batch = superbatch([[0], [1], [2], [3]])
+    batch["image_bytes"][1] = broken_jpeg()
+    batch["image_bytes"][3] = broken_jpeg()  # the first stand-in fails too
+    cabs = algorithm(filter_ratio=0.5, policy="diversity", on_decode_error="replace")
+    out = cabs.kept_batch(
+        batch, np.array([0, 1]), step=7, rank=0, reserve=lambda: np.array([3, 2])
+    )
+    assert out["keys"] == ["s0", "s2"]
+    assert cabs.replacements == [(7, 0, "s1", "s2")]
+    # The stand-in takes the failed slot's augmentation seed (index 1), as a kept s2 in slot 1.
+    expected = ImageDecoder(32, is_train=True, seed=3, num_threads=1)(
+        [batch["image_bytes"][0], batch["image_bytes"][2]], ["s0", "s2"], step=7, rank=0
+    )
+    assert torch.equal(out["images"], expected)
+    assert torch.equal(out["text"], cabs.tokenizer(["caption 0", "caption 2"]))
+
+
+def test_replace_fails_clearly_when_no_stand_in_decodes():
+    batch = superbatch([[0], [1], [2]])
+    for i in (1, 2):
+        batch["image_bytes"][i] = broken_jpeg()
+    cabs = algorithm(filter_ratio=0.5, policy="iid", on_decode_error="replace")
+    with pytest.raises(ImageDecodeError, match=r"'s1'.*no unkept sample of rank 0 at step 2"):
+        cabs.kept_batch(batch, np.array([0, 1]), step=2, rank=0, reserve=lambda: np.array([2]))
+
+
+def test_on_decode_error_accepts_raise_and_replace_only():
+    with pytest.raises(ValueError, match="on_decode_error must be one of"):
+        algorithm(filter_ratio=0.5, on_decode_error="skip")

@@ -20,6 +20,7 @@ from cabs_streaming.selection import (
     default_concept_cap,
     get_policy,
     select,
+    stand_ins,
 )
 
 
@@ -386,3 +387,51 @@ def test_large_superbatch_agrees_with_the_reference():
         assert kept("diversity", lists, world, k, 9, 9, **options) == ref.diversity(
             lists, world, k, 9, 9, **options
         )
+
+
+# --------------------------------------------------------------------------- stand-ins
+
+
+def stand_in_order(policy: str, lists, world: int, k: int, rank: int, seed=0, step=0, **options):
+    offsets, ids = ragged_from_lists(lists)
+    result = select(policy, offsets, ids, world=world, k=k, seed=seed, step=step, **options)
+    built = get_policy(policy, options)
+    return stand_ins(built, offsets, ids, world, result.kept, rank, seed, step).tolist()
+
+
+def test_dm_stand_ins_follow_the_greedy_after_the_kept_batch():
+    # b = 2, M = 1, K = 4: every t_c = 1; F = {0: 2, 1: 1, 2: 2, 3: 1}.
+    # gains: s0 = s2 = s5 = 1.5, s1 = 2, s4 = (1.5 + 2) / 2 = 1.75 -> keep s1, then s4.
+    # Afterwards s0's concept 0 is at the cap (last), s2 = s5 = 1.5 (index order), s3 is empty
+    # (what the fill would take first, after every eligible sample).
+    lists = [[0], [1], [2], [], [0, 3], [2]]
+    assert kept("diversity", lists, world=1, k=2) == [[1, 4]]
+    assert stand_in_order("diversity", lists, world=1, k=2, rank=0) == [2, 5, 3, 0]
+
+
+def test_fm_stand_ins_are_the_next_in_fm_ranking():
+    lists = [[0], [1, 1, 1], [2, 2], [], [3, 3], [4]]
+    assert kept("frequency", lists, world=1, k=2) == [[1, 2]]
+    assert stand_in_order("frequency", lists, world=1, k=2, rank=0) == [4, 0, 5, 3]
+
+
+def test_iid_stand_ins_are_a_seeded_random_order_of_the_unkept():
+    lists = [[i] for i in range(12)]
+    first = stand_in_order("iid", lists, world=2, k=2, rank=1, seed=5, step=3)
+    assert first == stand_in_order("iid", lists, world=2, k=2, rank=1, seed=5, step=3)
+    assert first != stand_in_order("iid", lists, world=2, k=2, rank=1, seed=5, step=4)
+    kept_rank1 = kept("iid", lists, world=2, k=2, seed=5, step=3)[1]
+    assert sorted(first) == sorted(set(range(6)) - set(kept_rank1))
+
+
+@PROPERTY_SETTINGS
+@given(superbatches(), st.sampled_from(sorted(POLICIES)), DM_OPTIONS)
+def test_stand_ins_are_exactly_the_ranks_unkept_samples(batch, policy, options):
+    lists, world, k, seed, step = batch
+    options = options if policy == "diversity" else {}
+    n = len(lists) // world
+    chosen = kept(policy, lists, world, k, seed, step, **options)
+    for rank in range(world):
+        order = stand_in_order(policy, lists, world, k, rank, seed, step, **options)
+        assert sorted(order) == sorted(set(range(n)) - set(chosen[rank]))
+        assert order == stand_in_order(policy, lists, world, k, rank, seed, step, **options)

@@ -14,7 +14,7 @@ from cabs_streaming.selection.base import (
 from cabs_streaming.selection.diversity import Diversity, default_concept_cap, diversity_keep
 from cabs_streaming.selection.frequency import Frequency, frequency_keep
 from cabs_streaming.selection.iid import IID, iid_keep
-from cabs_streaming.selection.registry import POLICIES, get_policy, select
+from cabs_streaming.selection.registry import POLICIES, get_policy, select, stand_ins
 
 __all__ = [
     "IID",
@@ -33,4 +33,5 @@ __all__ = [
     "iid_keep",
     "rank_rng",
     "select",
+    "stand_ins",
 ]

@@ -456,3 +456,40 @@ def top_k_by_length(offsets: np.ndarray, world: int, k: int) -> np.ndarray:
                 mask[g] = True
                 ties -= 1
     return mask
+
+
+@_jit
+def reserve_scores(
+    offsets: np.ndarray,
+    ids: np.ndarray,
+    lo: int,
+    hi: int,
+    kept: np.ndarray,
+    counted: np.ndarray,
+    table: np.ndarray,
+    cap: int,
+    over_value: float,
+) -> np.ndarray:
+    """CABS-DM's preference for the unkept samples ``lo..hi`` once the kept batch is final.
+
+    Counts ``n_c`` are rebuilt from the kept samples flagged in ``counted`` (all ranks for the
+    default form, one rank for compat), then each unkept sample gets the gain the greedy would
+    give it next: its DM gain while eligible, ``low - 1`` when it has no concepts (the fill takes
+    those first), ``low - 2`` when a concept is at the cap. Kept samples get ``-inf``.
+    """
+    table[:, COUNT] = 0.0
+    for g in range(offsets.shape[0] - 1):
+        if counted[g]:
+            for e in range(offsets[g], offsets[g + 1]):
+                table[ids[e], COUNT] += 1.0
+    low = min(0.0, over_value)
+    out = np.empty(hi - lo, dtype=np.float64)
+    for g in range(lo, hi):
+        if kept[g]:
+            out[g - lo] = -np.inf
+        elif offsets[g] == offsets[g + 1]:
+            out[g - lo] = low - 1.0
+        else:
+            gain = _gain(g, offsets, ids, table, float(cap), over_value)
+            out[g - lo] = low - 2.0 if np.isnan(gain) else gain
+    return out

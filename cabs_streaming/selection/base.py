@@ -211,6 +211,21 @@ class SelectionPolicy(ABC):
     def keep(self, sb: Superbatch, k: int, seed: int, step: int) -> Kept:
         """Choose exactly ``k`` samples on every rank of ``sb``."""
 
+    def reserve(
+        self, sb: Superbatch, kept: np.ndarray, rank: int, seed: int, step: int
+    ) -> np.ndarray:
+        """Rank ``rank``'s unkept local indices, most wanted first: the stand-ins for kept samples.
+
+        ``kept`` is the global keep mask :meth:`keep` returned for the same arguments. When a
+        kept image cannot be decoded, the trainer may take the first stand-in whose image can
+        (``decode.on_error: replace``); the order must be a pure function of the arguments.
+        This default is a uniformly random order from ``default_rng([seed, step, rank, 1])``,
+        the order of a policy that has no preference among the samples it left out.
+        """
+        n = sb.per_rank
+        unkept = np.flatnonzero(~kept[rank * n : (rank + 1) * n])
+        return np.random.default_rng([seed, step, rank, 1]).permutation(unkept)
+
     def config(self) -> dict[str, Any]:
         """Plain-value description of the policy (saved with checkpoints, compared on load)."""
         return {"name": self.name, **dataclasses.asdict(self)}  # type: ignore[call-overload]

@@ -74,6 +74,40 @@ def diversity_keep(
     return Kept(kept, filled=filled, superbatch_distinct=int(present))
 
 
+def diversity_reserve(
+    sb: Superbatch,
+    kept: np.ndarray,
+    rank: int,
+    concept_cap: int | None = None,
+    official_compat: bool = False,
+) -> np.ndarray:
+    """Rank ``rank``'s unkept local indices in the order the greedy would take them next.
+
+    Every unkept sample is scored against the final kept batch (the counts the greedy ended
+    with): eligible samples by their DM gain, highest first, then the samples without concepts
+    (what the fill takes first), then those held back by the cap; ties go to the lower index.
+    """
+    n = sb.per_rank
+    k = int(np.count_nonzero(kept[rank * n : (rank + 1) * n]))
+    offsets, ids, doc_freq = _kernels.distinct_lists(sb.offsets, sb.ids, sb.num_concepts)
+    if not official_compat:
+        cap = concept_cap if concept_cap is not None else default_concept_cap(sb.world * k)
+        table, _ = _kernels.concept_table(doc_freq, sb.world * k, cap)
+        counted, over = kept, 0.0
+    else:
+        offsets, ids = sb.offsets, sb.ids
+        cap = concept_cap if concept_cap is not None else REFERENCE_RANK_CAP
+        table, _ = _kernels.concept_table(doc_freq, k, cap)
+        counted = np.zeros_like(kept)
+        counted[rank * n : (rank + 1) * n] = kept[rank * n : (rank + 1) * n]
+        over = REFERENCE_OVER_TARGET
+    scores = _kernels.reserve_scores(
+        offsets, ids, rank * n, (rank + 1) * n, kept, counted, table, cap, over
+    )
+    order = np.argsort(-scores, kind="stable")
+    return order[: n - k]
+
+
 @dataclass(frozen=True)
 class Diversity(SelectionPolicy):
     """CABS-DM: favour concept diversity; the published recipe for zero-shot classification.
@@ -101,3 +135,9 @@ class Diversity(SelectionPolicy):
     def keep(self, sb: Superbatch, k: int, seed: int, step: int) -> Kept:
         """See :func:`diversity_keep`."""
         return diversity_keep(sb, k, seed, step, self.concept_cap, self.official_compat)
+
+    def reserve(
+        self, sb: Superbatch, kept: np.ndarray, rank: int, seed: int, step: int
+    ) -> np.ndarray:
+        """See :func:`diversity_reserve`; ``seed`` and ``step`` are unused."""
+        return diversity_reserve(sb, kept, rank, self.concept_cap, self.official_compat)

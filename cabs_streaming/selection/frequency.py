@@ -31,3 +31,12 @@ class Frequency(SelectionPolicy):
     def keep(self, sb: Superbatch, k: int, seed: int, step: int) -> Kept:
         """See :func:`frequency_keep`; ``seed`` and ``step`` are unused."""
         return Kept(frequency_keep(sb, k))
+
+    def reserve(
+        self, sb: Superbatch, kept: np.ndarray, rank: int, seed: int, step: int
+    ) -> np.ndarray:
+        """The rank's unkept samples by FM's own ranking: most instances first, then index."""
+        n = sb.per_rank
+        lengths = np.diff(sb.offsets[rank * n : (rank + 1) * n + 1])
+        unkept = np.flatnonzero(~kept[rank * n : (rank + 1) * n])
+        return unkept[np.argsort(-lengths[unkept], kind="stable")]

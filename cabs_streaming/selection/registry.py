@@ -85,3 +85,28 @@ def select(
     kept_global = np.flatnonzero(kept.mask)
     local = sb.local(kept_global, k)
     return SelectionResult(kept=local, stats=compute_stats(sb, kept, kept_global, started))
+
+
+def stand_ins(
+    policy: str | SelectionPolicy,
+    offsets: Any,
+    ids: Any,
+    world: int,
+    kept: np.ndarray,
+    rank: int,
+    seed: int,
+    step: int,
+    num_concepts: int | None = None,
+) -> np.ndarray:
+    """Rank ``rank``'s unkept local indices in the policy's order of preference.
+
+    ``kept`` is ``SelectionResult.kept`` (``int64 [world, k]``) of :func:`select` with the same
+    arguments. Used to replace a kept sample whose image cannot be decoded; pure like
+    :func:`select`, so every rank and every resumed run picks the same stand-in.
+    """
+    if isinstance(policy, str):
+        policy = get_policy(policy)
+    sb = Superbatch.from_arrays(offsets, ids, world, num_concepts)
+    mask = np.zeros(sb.size, dtype=np.bool_)
+    mask[(np.asarray(kept, dtype=np.int64) + sb.starts[:, None]).ravel()] = True
+    return policy.reserve(sb, mask, rank, seed, step)
