@@ -55,7 +55,18 @@ caption``.
 one: a json without the field chosen by ``concepts_from`` (``classes`` or ``tags``) is
 ``malformed json``. In parquet a null concepts cell is read as an empty list, since Arrow writers
 commonly store empty lists that way. A concept name not in a given vocabulary, an empty name, a
-null entry or an id outside ``[0, len(vocabulary))`` is an ``unknown concept``.
+null entry or an id outside ``[0, len(vocabulary))`` is an ``unknown concept``. Names are matched
+onto a given vocabulary as written, then in normal form (case, plural, whitespace, punctuation;
+:class:`cabs_streaming.tagging.ConceptNameMapper`), so a detector's "Dogs" or "hot_dog" finds
+"dog" or "hot dog"; ``report.json`` counts the names that matched nothing (``concept_names``).
+
+**Data without concepts.** ``--tag-captions VOCABULARY`` takes the ids from the caption with
+:class:`cabs_streaming.tagging.CaptionTagger` (in both passes: it is cheap), and the vocabulary
+file fixes the ids. ``--tagger module:function`` calls the user's function on (image bytes,
+caption) for names, e.g. an image tagger or detector on their own hardware. It may be expensive,
+so it runs once per sample, in the scan, which then reads images; the names are kept in a
+temporary file per input file and read back by the write pass. Either replaces the input's own
+concepts, so neither can be combined with ``--concepts-from`` / ``--concepts-column``.
 """
 
 from __future__ import annotations
@@ -94,6 +105,15 @@ from cabs_streaming.concepts import (
     Vocabulary,
     encode_concepts,
     encode_scores,
+)
+from cabs_streaming.tagging import (
+    ConceptNameMapper,
+    TaggingVocabulary,
+    cached_caption_tagger,
+    cached_name_mapper,
+    check_tagger_output,
+    load_tagger,
+    names_report,
 )
 
 __all__ = [
@@ -175,6 +195,13 @@ class _ReadOptions:
     concepts_column: str = "concepts"
     key_column: str | None = None
     recaption_column: str | None = None
+    tag_captions: str | None = None  # vocabulary file: concept ids come from the caption
+    tagger: str | None = None  # "module:function": concept names come from the user's tagger
+
+    @property
+    def read_concepts(self) -> bool:
+        """Whether concepts come from the input (else from a tagger, and the input needs none)."""
+        return self.tag_captions is None and self.tagger is None
 
 
 def _decode_text(raw: bytes) -> tuple[str, bool]:
@@ -418,6 +445,8 @@ def _webdataset_record(
         caption, fixed = _decode_text(parts["txt"])
         rec.repaired |= fixed
     rec.caption, rec.recaption = caption, recaption or ""
+    if not opts.read_concepts:
+        return rec
     name = opts.concepts_from
     if name not in meta:
         other = "tags" if name == "classes" else "classes"
@@ -507,7 +536,7 @@ def _iter_parquet(path: str, opts: _ReadOptions, with_images: bool) -> Iterator[
 
     image = need(opts.image_column, "--image-column")
     caption = need(opts.caption_column, "--caption-column")
-    concepts = need(opts.concepts_column, "--concepts-column")
+    concepts = need(opts.concepts_column, "--concepts-column") if opts.read_concepts else None
     recaption = opts.recaption_column and need(opts.recaption_column, "--recaption-column")
     if opts.key_column:
         key: str | None = need(opts.key_column, "--key-column")
@@ -533,7 +562,7 @@ def _iter_parquet(path: str, opts: _ReadOptions, with_images: bool) -> Iterator[
                 )
                 rec.recaption = recaption_value or ""
                 rec.repaired = fixed or fixed_caption or fixed_re
-                for entry in values[concepts][j] or []:  # a null cell is an empty list
+                for entry in (values[concepts][j] if concepts else None) or []:  # null: empty
                     if isinstance(entry, bytes):
                         entry, fixed = _decode_text(entry)
                         rec.repaired |= fixed
@@ -556,7 +585,6 @@ def _iter_parquet(path: str, opts: _ReadOptions, with_images: bool) -> Iterator[
 
 def _iter_jsonl(path: str, opts: _ReadOptions, with_images: bool) -> Iterator[_Record]:
     """Lines of a manifest; image paths are relative to the manifest's directory."""
-    del opts  # the manifest's field names are fixed
     base = os.path.dirname(path)
     index = 0
     with open(path, "rb") as manifest:
@@ -584,13 +612,13 @@ def _iter_jsonl(path: str, opts: _ReadOptions, with_images: bool) -> Iterator[_R
             rec.caption, rec.recaption = caption, recaption or ""
             rec.repaired |= fixed_caption or fixed_re
             problem = problem or problem_caption or problem_re
-            if problem is None and "concepts" not in obj:
+            if problem is None and opts.read_concepts and "concepts" not in obj:
                 problem = "line has no 'concepts' field"
-            if problem is None:
+            if problem is None and opts.read_concepts:
                 concepts, problem, fixed = _json_concepts(obj["concepts"], "concepts")
                 rec.concepts = concepts or []
                 rec.repaired |= fixed
-            if problem is None:
+            if problem is None and opts.read_concepts:
                 rec.scores, problem = _json_scores(obj.get("scores"), len(rec.concepts))
             rec.malformed = problem
             if not isinstance(image_path, str) or not image_path:
@@ -605,6 +633,69 @@ _READERS: dict[str, Callable[[str, _ReadOptions, bool], Iterator[_Record]]] = {
     "parquet": _iter_parquet,
     "jsonl": _iter_jsonl,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Concepts from a tagger instead of the input
+# ---------------------------------------------------------------------------------------------
+
+
+def _read(path: str, opts: _ReadOptions, *, scan: bool, spill: str | None) -> Iterator[_Record]:
+    """The records of one file, with their concepts from whichever source was chosen.
+
+    ``--tag-captions`` is cheap and tags in both passes. A ``--tagger`` may run a detector, so it
+    runs once, in the scan (which then reads images too); its names go to ``spill``, one JSON line
+    per record, and the write pass reads them back in the same order.
+    """
+    records = _READERS[opts.fmt](path, opts, not scan or opts.tagger is not None)
+    if opts.tag_captions is not None:
+        tagger = cached_caption_tagger(opts.tag_captions)
+        for rec in records:
+            if rec.malformed is None:
+                rec.concepts = tagger.tag(rec.caption)
+            yield rec
+    elif opts.tagger is None:
+        yield from records
+    elif scan:
+        function = load_tagger(opts.tagger)
+        with open(spill or os.devnull, "w", encoding="utf-8") as saved:
+            for rec in records:
+                names = _run_tagger(function, opts.tagger, rec, path)
+                saved.write(json.dumps(names, ensure_ascii=False) + "\n")
+                rec.concepts = names or []
+                yield rec
+    else:
+        with open(spill or os.devnull, encoding="utf-8") as saved:
+            for rec in records:
+                line = saved.readline()
+                rec.concepts = (json.loads(line) if line else None) or []
+                yield rec
+
+
+def _run_tagger(
+    function: Callable[..., Any], spec: str, rec: _Record, path: str
+) -> list[str] | None:
+    """The user's tagger on one record; None where the record will be skipped anyway."""
+    if (
+        rec.malformed is not None
+        or rec.caption is None
+        or not rec.caption.strip()
+        or rec.image is None
+        or image_problem(rec.image) is not None
+    ):
+        return None
+    label = rec.key or rec.label
+    try:
+        names = function(rec.image, rec.caption)
+    except Exception as err:
+        raise ConversionError(
+            f"--tagger {spec!r} failed on sample {label!r} of {path} ({type(err).__name__}: "
+            f"{err}); fix the function, or make it return [] for such images"
+        ) from err
+    try:
+        return check_tagger_output(spec, label, names)
+    except ValueError as err:
+        raise ConversionError(f"{path}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,6 +730,16 @@ class _Judge:
         self.policy = policy
         self.index = policy.index()
         self.path = path
+        self.mapper: ConceptNameMapper | None = None
+        # Names of samples skipped as "unknown concept", and names found only in normal form.
+        self.unknown: Counter[str] = Counter()
+        self.normalised: Counter[tuple[str, str]] = Counter()
+
+    def _lookup(self, name: str) -> int | None:
+        """A name not in the vocabulary as written, looked up in normal form (case, plural...)."""
+        if self.mapper is None:
+            self.mapper = cached_name_mapper(self.policy.names or ())
+        return self.mapper.lookup(name)
 
     def metadata_verdict(self, rec: _Record) -> tuple[tuple[str, str] | None, list[int]]:
         """(skip reason and detail, or None; concept ids when a name index is known)."""
@@ -647,6 +748,8 @@ class _Judge:
         if rec.caption is None or not rec.caption.strip():
             return ("missing caption", "no caption text"), []
         ids: list[int] = []
+        unknown: list[str] = []
+        normalised: list[tuple[str, str]] = []
         for entry in rec.concepts:
             if entry is None or entry == "":
                 return ("unknown concept", f"{'null' if entry is None else 'empty'} concept"), []
@@ -656,7 +759,11 @@ class _Judge:
                     continue
                 concept_id = self.index.get(entry)
                 if concept_id is None:
-                    return ("unknown concept", f"concept {entry!r} is not in the vocabulary"), []
+                    concept_id = self._lookup(entry)
+                    if concept_id is None:
+                        unknown.append(entry)
+                        continue
+                    normalised.append((entry, self.index_names[concept_id]))
                 ids.append(concept_id)
             elif isinstance(entry, bool) or not isinstance(entry, int):
                 return ("unknown concept", f"concept {entry!r} is not a name or an integer id"), []
@@ -673,7 +780,17 @@ class _Judge:
                         f"concept id {entry} is outside the vocabulary [0, {limit})",
                     ), []
                 ids.append(int(entry))
+        if unknown:
+            self.unknown.update(unknown)
+            more = f" (and {len(unknown) - 1} more unknown names)" if len(unknown) > 1 else ""
+            return ("unknown concept", f"concept {unknown[0]!r} is not in the vocabulary{more}"), []
+        self.normalised.update(normalised)
         return None, ids
+
+    @property
+    def index_names(self) -> tuple[str, ...]:
+        """Vocabulary names by id (only asked for when the policy has names)."""
+        return self.policy.names or ()
 
 
 def image_problem(data: bytes) -> str | None:
@@ -752,13 +869,13 @@ class _FileScan:
     owners: list[tuple[int, str | None, list[str]]]  # (index, key, concept names) if valid
 
 
-def _scan_file(task: tuple[str, _ReadOptions, _ConceptPolicy]) -> _FileScan:
-    path, opts, policy = task
+def _scan_file(task: tuple[str, _ReadOptions, _ConceptPolicy, str | None]) -> _FileScan:
+    path, opts, policy, spill = task
     judge = _Judge(policy, path)
     tick = _Ticker()
     scan = _FileScan(path, 0, [])
     try:
-        for rec in _READERS[opts.fmt](path, opts, False):
+        for rec in _read(path, opts, scan=True, spill=spill):
             scan.records += 1
             tick()
             verdict, _ = judge.metadata_verdict(rec)
@@ -781,7 +898,8 @@ class _PartTask:
     """One worker's share: a contiguous run of files written into one MDS (sub-)dataset."""
 
     out: str
-    files: list[tuple[str, frozenset[int], int]]  # (path, duplicate indices, scanned records)
+    # (path, duplicate indices, scanned records, the scan's tagger output or None)
+    files: list[tuple[str, frozenset[int], int, str | None]]
     opts: _ReadOptions
     policy: _ConceptPolicy
     writer_kwargs: dict[str, Any]
@@ -803,6 +921,8 @@ class _Tally:
     instances: int = 0
     without_concepts: int = 0
     shards: int = 0
+    unknown_names: Counter[str] = field(default_factory=Counter)
+    normalised_names: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def skip(self, reason: str, example: dict[str, str], limit: int) -> None:
         self.skipped[reason] += 1
@@ -825,6 +945,8 @@ class _Tally:
         self.instances += other.instances
         self.without_concepts += other.without_concepts
         self.shards += other.shards
+        self.unknown_names.update(other.unknown_names)
+        self.normalised_names.update(other.normalised_names)
 
 
 def _write_part(task: _PartTask) -> _Tally:
@@ -836,11 +958,11 @@ def _write_part(task: _PartTask) -> _Tally:
     tick = _Ticker()
     writer = MDSWriter(columns=MDS_COLUMNS, out=task.out, **task.writer_kwargs)
     try:
-        for path, duplicates, scanned in task.files:
+        for path, duplicates, scanned, spill in task.files:
             judge = _Judge(task.policy, path)
             records = 0
             try:
-                for rec in _READERS[task.opts.fmt](path, task.opts, True):
+                for rec in _read(path, task.opts, scan=False, spill=spill):
                     records += 1
                     tick()
                     verdict, ids = judge.metadata_verdict(rec)
@@ -882,6 +1004,8 @@ def _write_part(task: _PartTask) -> _Tally:
             except _DamagedInput as err:
                 tally.errors.append({"file": path, "error": str(err)})
             tally.read += records
+            tally.unknown_names.update(judge.unknown)
+            tally.normalised_names.update(judge.normalised)
             if records != scanned:
                 raise ConversionError(
                     f"{path} gave {records} samples on the write pass but {scanned} on the scan; "
@@ -1109,12 +1233,14 @@ def convert(
     *,
     vocabulary: str | os.PathLike[str] | Vocabulary | None = None,
     extend_vocabulary: bool = False,
-    concepts_from: str = "classes",
+    concepts_from: str | None = None,
+    tag_captions: str | os.PathLike[str] | None = None,
+    tagger: str | None = None,
     workers: int = 1,
     overwrite: bool = False,
     image_column: str = "image",
     caption_column: str = "caption",
-    concepts_column: str = "concepts",
+    concepts_column: str | None = None,
     key_column: str | None = None,
     recaption_column: str | None = None,
     size_limit: int | str | None = 1 << 26,
@@ -1137,14 +1263,22 @@ def convert(
         extend_vocabulary: Append names missing from ``vocabulary`` (most frequent first)
             instead of skipping their samples. Ids given as numbers are never extended.
         concepts_from: WebDataset only: json field holding the concepts, ``"classes"`` (one name
-            per detected box) or ``"tags"`` (a " | "-joined string).
+            per detected box, the default) or ``"tags"`` (a " | "-joined string).
+        tag_captions: Take concept ids from the caption instead of the input: a tagging
+            vocabulary file (one concept per line, ``name: synonym, ...``), a
+            ``vocabulary.json`` or a shipped name (``coco``, ``imagenet1k``); see
+            :mod:`cabs_streaming.tagging`. Its names, in file order, are the vocabulary.
+        tagger: Take concept names from your own function instead of the input:
+            ``"module:function"`` or ``"path/to/file.py:function"``, called as
+            ``function(image_bytes, caption) -> list[str]`` once per sample, in the scan pass
+            (which then reads images); its names are mapped like detector names.
         workers: Processes; files are split into contiguous runs written as ``part-NNNNN/``
             sub-datasets and merged. Sample order is input order whatever the value.
         overwrite: Replace a non-empty local output directory (or write over a non-empty
             remote prefix).
         image_column: Parquet column of image bytes, ``{bytes, path}`` structs or paths.
         caption_column: Parquet column of captions.
-        concepts_column: Parquet column of concept lists (names or ids).
+        concepts_column: Parquet column of concept lists (names or ids; default ``concepts``).
         key_column: Parquet key column; by default ``key`` when present, else the key is
             ``<file name>:<row>``.
         recaption_column: Optional parquet column of synthetic captions.
@@ -1161,13 +1295,38 @@ def convert(
         ``read == written + sum(skipped.values())``; damaged input files are listed under
         ``errors`` rather than raised.
 
+    Names of a given vocabulary are matched as written, then in normal form (case, plural,
+    whitespace and punctuation: "Dogs" and "hot_dog" find "dog" and "hot dog"); the report's
+    ``concept_names`` lists the names that matched nothing (their samples are ``unknown concept``
+    skips) and those matched only in normal form, with counts.
+
     Raises:
         ConversionError: Bad arguments, a non-empty output, missing parquet columns, concept ids
-            without a vocabulary: the message names the file and what to do.
+            without a vocabulary, a tagger that cannot be imported or fails: the message names
+            the file and what to do.
     """
     started = time.monotonic()
     if fmt not in FORMATS:
         raise ConversionError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    tag_captions = None if tag_captions is None else os.fspath(tag_captions)
+    chosen = [
+        flag
+        for flag, value in (
+            ("--tag-captions", tag_captions),
+            ("--tagger", tagger),
+            ("--concepts-from", concepts_from),
+            ("--concepts-column", concepts_column),
+        )
+        if value is not None
+    ]
+    if (tag_captions is not None or tagger is not None) and len(chosen) > 1:
+        raise ConversionError(
+            f"{' and '.join(chosen)} are mutually exclusive: concepts come either from the input "
+            "(--concepts-from / --concepts-column), or from the captions (--tag-captions), or "
+            "from your tagger (--tagger); choose one"
+        )
+    concepts_from = concepts_from or "classes"
+    concepts_column = concepts_column or "concepts"
     if concepts_from not in CONCEPT_SOURCES:
         raise ConversionError(
             f"--concepts-from {concepts_from!r} is not one of {', '.join(CONCEPT_SOURCES)}"
@@ -1200,6 +1359,21 @@ def convert(
             f"--size-limit {size_limit!r} is not a shard size between 1 byte and 4gb ({err}); "
             "write bytes or e.g. 64mb"
         ) from err
+    if tag_captions is not None:
+        if vocabulary is not None or extend_vocabulary:
+            raise ConversionError(
+                "--tag-captions fixes the vocabulary (its names in file order): leave out "
+                "--vocabulary and --extend-vocabulary"
+            )
+        try:
+            vocabulary = TaggingVocabulary.load(tag_captions).vocabulary()
+        except (OSError, ValueError) as err:
+            raise ConversionError(f"--tag-captions: {err}") from err
+    if tagger is not None:
+        try:
+            load_tagger(tagger)
+        except ValueError as err:
+            raise ConversionError(str(err)) from err
     base_vocabulary = _resolve_vocabulary(vocabulary)
     if extend_vocabulary and base_vocabulary is None:
         raise ConversionError(
@@ -1217,6 +1391,8 @@ def convert(
         concepts_column=concepts_column,
         key_column=key_column,
         recaption_column=recaption_column,
+        tag_captions=tag_captions,
+        tagger=tagger,
     )
     base_names = None if base_vocabulary is None else tuple(base_vocabulary.names)
     id_limit = None if base_names is None else len(base_names)
@@ -1229,6 +1405,14 @@ def convert(
         if processes > 1
         else None
     )
+    spill_dir = tempfile.mkdtemp(prefix="cabs-tagger-") if tagger is not None else None
+    spills = [
+        os.path.join(spill_dir, f"{j:06d}.jsonl") if spill_dir else None for j in range(len(files))
+    ]
+    # Extending a vocabulary: a name that is a base name in normal form is that base name.
+    base_mapper = (
+        ConceptNameMapper(base_vocabulary) if extend_vocabulary and base_vocabulary else None
+    )
     try:
         # Pass 1: keys and concept counts, file by file, folded in input order.
         owners: set[str] = set()
@@ -1236,7 +1420,7 @@ def convert(
         duplicates: list[frozenset[int]] = []
         records: list[int] = []
         with tqdm(desc="scan", unit=" samples", disable=not progress) as bar:
-            scans = [(path, opts, scan_policy) for path in files]
+            scans = [(path, opts, scan_policy, spills[j]) for j, path in enumerate(files)]
             for scan in _run_tasks(pool, _scan_file, scans, bar, counter):
                 dropped = set()
                 for index, key, names in scan.owners:
@@ -1245,6 +1429,8 @@ def convert(
                             dropped.add(index)
                             continue
                         owners.add(key)
+                    if base_mapper is not None:
+                        names = [_canonical(base_mapper, name) for name in names]
                     counts.update(names)
                 duplicates.append(frozenset(dropped))
                 records.append(scan.records)
@@ -1254,6 +1440,8 @@ def convert(
         if base_vocabulary is None:
             final = Vocabulary(by_frequency)
             source, added = "built", len(final)
+        elif tag_captions is not None:
+            final, source, added = base_vocabulary, "tag-captions", 0
         else:
             final = base_vocabulary
             size_before = len(final)
@@ -1276,7 +1464,7 @@ def convert(
         tasks = [
             _PartTask(
                 out=f"{out.rstrip('/')}/{part_names[i]}" if part_names else out,
-                files=[(files[j], duplicates[j], records[j]) for j in run],
+                files=[(files[j], duplicates[j], records[j], spills[j]) for j in run],
                 opts=opts,
                 policy=write_policy,
                 writer_kwargs=writer_kwargs,
@@ -1294,6 +1482,8 @@ def convert(
         if pool is not None:
             pool.terminate()
             pool.join()
+        if spill_dir is not None:
+            shutil.rmtree(spill_dir, ignore_errors=True)
 
     if part_names:
         _merge_parts(out, part_names)
@@ -1301,10 +1491,21 @@ def convert(
     report = _build_report(
         tally, fmt=fmt, files=files, out=out, workers=workers, parts=len(runs),
         vocabulary={"source": source, "size": len(final), "added": added},
+        concept_source=(
+            {"tag-captions": tag_captions} if tag_captions is not None
+            else {"tagger": tagger} if tagger is not None
+            else {"input": concepts_from if fmt == "webdataset" else concepts_column}
+        ),
         seconds=time.monotonic() - started,
     )
     _publish(out, REPORT_FILENAME, json.dumps(report, indent=2, ensure_ascii=False))
     return report
+
+
+def _canonical(mapper: ConceptNameMapper, name: str) -> str:
+    """``name`` as the base vocabulary spells it when it is one of its names in normal form."""
+    found = mapper.lookup(name)
+    return name if found is None else mapper.names[found]
 
 
 def _build_report(tally: _Tally, **facts: Any) -> dict[str, Any]:
@@ -1328,6 +1529,8 @@ def _build_report(tally: _Tally, **facts: Any) -> dict[str, Any]:
             "instances": tally.instances,
             "samples_without_concepts": tally.without_concepts,
         },
+        "concept_source": facts["concept_source"],
+        "concept_names": names_report(tally.unknown_names, tally.normalised_names),
         "vocabulary": facts["vocabulary"],
         "shards": tally.shards,
         "format": facts["fmt"],
@@ -1366,8 +1569,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="vocabulary.json fixing concept ids (default: build from the data)")
     parser.add_argument("--extend-vocabulary", action="store_true",
                         help="append names missing from --vocabulary instead of skipping samples")
-    parser.add_argument("--concepts-from", choices=CONCEPT_SOURCES, default="classes",
+    parser.add_argument("--concepts-from", choices=CONCEPT_SOURCES, default=None,
                         help="webdataset json field holding the concepts (default: classes)")
+    parser.add_argument("--tag-captions", metavar="VOCABULARY",
+                        help="take concept ids from the captions instead: a vocabulary file (one "
+                        "concept per line, 'name: synonym, ...'), a vocabulary.json, or a "
+                        "shipped one: coco, imagenet1k")
+    parser.add_argument("--tagger", metavar="MODULE:FUNCTION",
+                        help="take concept names from your function(image_bytes, caption) -> "
+                        "list of names instead (also path/to/file.py:FUNCTION); names are mapped "
+                        "onto --vocabulary like detector names")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="processes; inputs are split across them (default: 1)")
     parser.add_argument("--overwrite", action="store_true",
@@ -1376,7 +1587,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parquet: image bytes or {bytes, path} structs (default: image)")
     parser.add_argument("--caption-column", default="caption", metavar="NAME",
                         help="parquet (default: caption)")
-    parser.add_argument("--concepts-column", default="concepts", metavar="NAME",
+    parser.add_argument("--concepts-column", default=None, metavar="NAME",
                         help="parquet, names or ids (default: concepts)")
     parser.add_argument("--key-column", metavar="NAME", help="parquet (default: 'key' if present)")
     parser.add_argument("--recaption-column", metavar="NAME",
@@ -1409,6 +1620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             vocabulary=args.vocabulary,
             extend_vocabulary=args.extend_vocabulary,
             concepts_from=args.concepts_from,
+            tag_captions=args.tag_captions,
+            tagger=args.tagger,
             workers=args.workers,
             overwrite=args.overwrite,
             image_column=args.image_column,
