@@ -1,0 +1,67 @@
+"""tools/bench_pipeline.py runs end to end in its smoke mode and reports what it promises.
+
+Throughput numbers are noise at this size; what is deterministic, and asserted, is the shape of
+the JSON line, positive rates, and the work each configuration did per trained sample: ``iid``
+and ``deferred`` decode and tokenize exactly the trained samples, ``eager`` the whole superbatch
+(5x at f = 0.8).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "tools" / "bench_pipeline.py"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    data = tmp_path_factory.mktemp("bench_pipeline") / "mds"
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--data", str(data)],
+        capture_output=True, text=True, timeout=180, cwd=ROOT, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stdout  # ONE JSON line on stdout, progress on stderr
+    return json.loads(lines[0])
+
+
+def test_promised_keys_are_positive(smoke: dict) -> None:
+    for key in (
+        "iid_samples_per_s", "deferred_samples_per_s", "eager_samples_per_s",
+        "deferred_ratio", "eager_ratio", "peak_rss_mb",
+    ):
+        assert isinstance(smoke[key], float) and smoke[key] > 0, (key, smoke[key])
+    assert smoke["deferred_ratio"] == pytest.approx(
+        smoke["deferred_samples_per_s"] / smoke["iid_samples_per_s"], rel=1e-2
+    )
+    for config in ("iid", "deferred", "eager"):
+        spread = smoke["configs"][config]["samples_per_s"]
+        assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+
+
+def test_decode_and_tokenize_counts(smoke: dict) -> None:
+    configs = smoke["configs"]
+    assert configs["iid"]["decoded_per_trained"] == 1.0
+    assert configs["deferred"]["decoded_per_trained"] == 1.0
+    assert configs["eager"]["decoded_per_trained"] == 5.0
+    assert configs["iid"]["tokenized_per_trained"] == 1.0
+    assert configs["deferred"]["tokenized_per_trained"] == 1.0
+    assert configs["eager"]["tokenized_per_trained"] == 5.0
+
+
+def test_settings_describe_the_run(smoke: dict) -> None:
+    settings = smoke["settings"]
+    assert settings["kept_batch"] == 8 and settings["superbatch"] == 40
+    assert settings["filter_ratio"] == 0.8 and settings["image_size"] == [224, 224]
+    assert settings["workers"] == 2 and settings["rounds"] == 1
+    data = settings["data"]
+    assert data["samples"] == 240 and data["distinct_images"] == 240
+    assert 30 <= data["image_kb"]["mean"] <= 60
+    assert 256 <= data["long_side_px"]["min"] <= data["long_side_px"]["max"] <= 512

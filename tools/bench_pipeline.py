@@ -1,0 +1,925 @@
+"""Benchmark the training input pipeline end to end (no model step); prints ONE JSON line.
+
+Why: deferred decoding (ARCHITECTURE decision 2) is only worth its complexity if a CABS run
+with ``f = 0.8`` delivers trained samples about as fast as plain IID training with ``f = 0``,
+although it must read five samples per trained one. This tool measures delivered TRAINED samples
+per second (after selection, decode, augmentation and tokenization: what the model would receive)
+for three configurations, on one machine, with the same MDS data, trained batch size, DataLoader
+workers and prefetch:
+
+- ``iid``: policy ``iid`` with ``f = 0`` in its fastest configuration, decoding and tokenizing in
+  the DataLoader workers as plain Streaming users do (the kept indices are the identity, so no
+  rows are gathered).
+- ``deferred``: CABS-DM (policy ``diversity``) with ``f = 0.8``; the loader hands over encoded
+  bytes and concept ids, and the main process runs ``ConceptAwareBatchSampling.apply`` exactly as
+  training does (selection, then decode + augment + tokenize only the kept share).
+- ``eager``: CABS-DM with ``f = 0.8`` decoding, augmenting and tokenizing the WHOLE superbatch in
+  the workers, as the reference implementation does; the main process selects and gathers rows.
+
+All three use the real code paths (``ConceptStreamingDataset``, ``ConceptCollator``,
+``ImageDecoder`` with the train transform of ``--model``, ``CaptionTokenizer``, ``select``,
+``ConceptAwareBatchSampling``); only WHERE and HOW MUCH is decoded differs. Worker decoders run
+one thread each (``num_threads=1``); the main-process decoder of ``deferred`` uses
+``--decode-threads`` (default: the library default, as in training). The main process's torch
+intra-op threads are set once (``--torch-threads``) and are the same for every configuration;
+DataLoader workers always run torch with one thread.
+
+Rounds are interleaved (iid, deferred, eager, iid, ...) so machine drift hits all alike. Each
+round builds a fresh dataset (shuffle seed ``seed + round``) and DataLoader, skips ``--warmup``
+steps (worker start-up, lazy tokenizer, prefetch fill) and times ``--steps`` trained batches from
+the delivery of the last warm-up batch to the processing of the last timed one. Warm-up and timed
+step counts are multiples of the worker count, so with workers delivering in lockstep the window
+holds whole production cycles.
+
+The data is generated deterministically from ``--seed`` into a temporary MDS dataset (or
+``--data DIR`` to keep and reuse it): JPEGs of 256-512 px on the long side at 30-60 KB each,
+random crops, rescales, flips and mild colour changes of the real photographs that ship inside
+scikit-image (and matplotlib's grace_hopper.jpg), encoded at the JPEG quality (4:2:0, or 4:4:4
+where 4:2:0 cannot reach the drawn size) that lands nearest a size drawn uniformly in the range.
+Every sample's image is encoded separately (no repeated bytes). Concepts are drawn as in
+``tools/bench_selection.py`` (its generator is imported); captions are alt-text-like phrases
+built from ImageNet class names of the sample's concepts.
+
+Memory: ``peak_rss_mb`` is the largest sum of resident set sizes over the main process and all
+its DataLoader worker children, sampled by a psutil thread every ``--memory-interval`` seconds.
+That sum counts shared pages (the forked interpreter and libraries, shared-memory batches in
+flight, page-cached shards) once per process that touches them, so it is an upper bound.
+``memory.main_maxrss_mb`` and ``memory.worker_maxrss_mb`` are the exact per-process peaks from
+``getrusage`` (main, and the largest finished child: the DataLoader workers, and the data
+generator's processes when the data was generated in this run). ``--pss-interval`` adds summed
+proportional set sizes (shared pages split between processes); it is off by default because
+reading them slows the timed code (see ``MemorySampler``).
+
+No model step runs, and by default the main process does not read the delivered images (a
+training step would copy them to the device in every configuration); ``--consume`` reads each
+delivered image tensor once, as that copy would, for a more end-to-end comparison.
+
+Run: ``python tools/bench_pipeline.py`` (about 3-4 minutes on 2 cores including data
+generation; ``--data DIR`` caches the data); ``--smoke`` is a seconds-long functional run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import math
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from bench_selection import make_superbatch
+from PIL import Image, ImageEnhance
+from torch.utils.data import DataLoader, get_worker_info
+
+from cabs_streaming.concepts import MDS_COLUMNS, Vocabulary, encode_concepts
+from cabs_streaming.dataset import CaptionTokenizer, ConceptCollator, ConceptStreamingDataset
+from cabs_streaming.decode import ImageDecoder
+
+CONFIGS = ("iid", "deferred", "eager")
+
+#: Photographs inside the scikit-image wheel (colour ones; no download needed).
+SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+    "rocket.jpg",
+)
+#: Version of the generated data: bump when the generator changes, so a cached --data dir is
+#: regenerated rather than silently reused.
+DATA_VERSION = 1
+LONG_SIDE = (256, 512)
+SIZE_KB = (30.0, 60.0)
+QUALITY = (40, 97)
+
+CAPTION_TEMPLATES = (
+    "a photo of {}",
+    "{}",
+    "close-up of {} on a wooden table",
+    "stock photo: {} in the city at night",
+    "{} at the beach, summer holiday",
+    "my new {}!!",
+    "vintage postcard showing {}",
+    "{} for sale - free shipping",
+    "an illustration of {} in watercolor style",
+    "IMG_{n} {}",
+)
+CAPTION_FILLERS = (
+    "beautiful", "cheap", "best", "2019", "high resolution", "HD wallpaper", "near the old",
+    "with family", "in the morning light", "download", "royalty free", "on white background",
+)
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr; stdout carries only the JSON line."""
+    print(f"[bench_pipeline] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data generation
+# ------------------------------------------------------------------------------------------------
+
+
+def photograph_paths() -> list[Path]:
+    """The real photographs the images are cut from (all ship inside installed wheels)."""
+    import matplotlib
+    import skimage.data
+
+    root = Path(skimage.data.__file__).parent
+    paths = [root / name for name in SKIMAGE_PHOTOS]
+    paths.append(Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"photographs missing: {missing}; install the dev extra (scikit-image)")
+    return paths
+
+
+_PHOTOS: list[Image.Image] = []
+
+
+def _photos() -> list[Image.Image]:
+    if not _PHOTOS:
+        for path in photograph_paths():
+            with Image.open(path) as img:
+                _PHOTOS.append(img.convert("RGB"))
+    return _PHOTOS
+
+
+def _encode(img: Image.Image, quality: int, subsampling: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality, subsampling=subsampling)
+    return buf.getvalue()
+
+
+def _encode_near(img: Image.Image, target: float, subsampling: int) -> tuple[bytes, int]:
+    """The baseline JPEG whose size is nearest ``target`` bytes (binary search on quality)."""
+    lo, hi = QUALITY
+    cache: dict[int, bytes] = {}
+
+    def enc(q: int) -> bytes:
+        if q not in cache:
+            cache[q] = _encode(img, q, subsampling)
+        return cache[q]
+
+    while lo < hi:  # largest quality whose size is <= target (size grows with quality)
+        mid = (lo + hi + 1) // 2
+        if len(enc(mid)) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    low, high = SIZE_KB[0] * 1024, SIZE_KB[1] * 1024
+    candidates = [q for q in (lo, lo + 1) if q <= QUALITY[1]]
+    best = min(
+        candidates,
+        key=lambda q: (not low <= len(enc(q)) <= high, abs(len(enc(q)) - target)),
+    )
+    return enc(best), best
+
+
+def make_image(seed: int, index: int) -> tuple[bytes, dict[str, Any]]:
+    """Sample ``index``'s JPEG: a random crop of a photograph, rescaled and re-encoded."""
+    rng = np.random.default_rng([seed, 7, index])
+    photos = _photos()
+    src = photos[int(rng.integers(len(photos)))]
+    width, height = src.size
+    area = rng.uniform(0.35, 1.0) * width * height
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w = min(width, max(64, round(math.sqrt(area * aspect))))
+    h = min(height, max(64, round(math.sqrt(area / aspect))))
+    left = int(rng.integers(0, width - w + 1))
+    top = int(rng.integers(0, height - h + 1))
+    crop = src.crop((left, top, left + w, top + h))
+    flip = rng.random() < 0.5
+    color, brightness = rng.uniform(0.8, 1.2), rng.uniform(0.85, 1.15)
+    long_side = int(rng.integers(LONG_SIDE[0], LONG_SIDE[1] + 1))
+    target = rng.uniform(*SIZE_KB) * 1024
+    low, high = SIZE_KB[0] * 1024, SIZE_KB[1] * 1024
+    while True:
+        scale = long_side / max(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        img = crop.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = ImageEnhance.Color(img).enhance(color)
+        img = ImageEnhance.Brightness(img).enhance(brightness)
+        for subsampling in (2, 0):  # 4:2:0 (most web JPEGs), then 4:4:4 for detail-poor crops
+            data, quality = _encode_near(img, target, subsampling)
+            if low <= len(data) <= high or len(data) > target:
+                break
+        if low <= len(data) or long_side >= LONG_SIDE[1]:
+            break
+        long_side = min(LONG_SIDE[1], round(long_side * 1.2))  # too smooth to reach the size
+    info = {
+        "long_side": long_side, "bytes": len(data), "quality": quality, "subsampling": subsampling,
+    }
+    return data, info
+
+
+def concept_names(vocabulary: int) -> list[str]:
+    """Unique concept names built from ImageNet class names."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    base = list(IMAGENET_CLASSNAMES)
+    names: list[str] = []
+    seen: set[str] = set()
+    for i in range(vocabulary):
+        name = base[i % len(base)]
+        if name in seen:  # later rounds over the list, and ImageNet's own repeats ("crane")
+            name = f"{name} ({i})"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def make_caption(seed: int, index: int, ids: np.ndarray, names: Sequence[str]) -> str:
+    """An alt-text-like caption mentioning up to three of the sample's concepts."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    rng = np.random.default_rng([seed, 11, index])
+    unique = list(dict.fromkeys(int(i) for i in ids))[:3]
+    if unique:
+        things = [IMAGENET_CLASSNAMES[i % len(IMAGENET_CLASSNAMES)] for i in unique]
+    else:
+        things = [IMAGENET_CLASSNAMES[int(rng.integers(len(IMAGENET_CLASSNAMES)))]]
+    template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
+    number = str(int(rng.integers(1000, 10_000)))
+    text = template.replace("{n}", number).format(" and ".join(things))
+    extra = int(rng.integers(0, 4))
+    fillers = [CAPTION_FILLERS[int(j)] for j in rng.integers(0, len(CAPTION_FILLERS), size=extra)]
+    return " ".join([text, *fillers])
+
+
+def _image_task(args: tuple[int, int]) -> tuple[bytes, dict[str, Any]]:
+    return make_image(*args)
+
+
+def generate_data(
+    out: Path, samples: int, seed: int, vocabulary: int, processes: int
+) -> dict[str, Any]:
+    """Write the benchmark's MDS dataset and vocabulary into ``out``; returns its statistics."""
+    from streaming import MDSWriter
+
+    offsets, ids = make_superbatch(seed, vocabulary=vocabulary, world=1, per_rank=samples)
+    names = concept_names(vocabulary)
+    out.mkdir(parents=True, exist_ok=True)
+    infos: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    context = multiprocessing.get_context("fork")
+    with (
+        context.Pool(max(1, processes)) as pool,
+        MDSWriter(out=str(out), columns=MDS_COLUMNS, size_limit="64mb") as writer,
+    ):
+        tasks = ((seed, i) for i in range(samples))
+        for i, (data, info) in enumerate(pool.imap(_image_task, tasks, chunksize=32)):
+            concepts = ids[offsets[i] : offsets[i + 1]]
+            writer.write(
+                {
+                    "key": f"bench-{i:08d}",
+                    "image": data,
+                    "caption": make_caption(seed, i, concepts, names),
+                    "recaption": "",
+                    "concepts": encode_concepts(concepts),
+                    "concept_scores": b"",
+                }
+            )
+            infos.append(info)
+            if (i + 1) % 2000 == 0:
+                log(f"generated {i + 1}/{samples} images ({time.perf_counter() - started:.0f} s)")
+    Vocabulary(names).save(str(out))
+    kb = np.array([info["bytes"] for info in infos]) / 1024
+    sides = np.array([info["long_side"] for info in infos])
+    stats = {
+        "version": DATA_VERSION,
+        "samples": samples,
+        "seed": seed,
+        "vocabulary": vocabulary,
+        "image_kb": {
+            "mean": round(float(kb.mean()), 1),
+            "min": round(float(kb.min()), 1),
+            "p5": round(float(np.percentile(kb, 5)), 1),
+            "p95": round(float(np.percentile(kb, 95)), 1),
+            "max": round(float(kb.max()), 1),
+            "share_in_30_60": round(float(np.mean((kb >= SIZE_KB[0]) & (kb <= SIZE_KB[1]))), 3),
+        },
+        "long_side_px": {
+            "mean": round(float(sides.mean()), 1),
+            "min": int(sides.min()),
+            "max": int(sides.max()),
+        },
+        "jpeg_quality_mean": round(float(np.mean([info["quality"] for info in infos])), 1),
+        "share_444": round(float(np.mean([info["subsampling"] == 0 for info in infos])), 3),
+        "concept_instances_mean": round(float(np.diff(offsets).mean()), 2),
+        "distinct_images": samples,
+        "sources": [p.name for p in photograph_paths()],
+        "generation_s": round(time.perf_counter() - started, 1),
+    }
+    (out / "bench_data.json").write_text(json.dumps(stats, indent=1))
+    return stats
+
+
+def prepare_data(args: argparse.Namespace) -> tuple[Path, dict[str, Any], Path | None]:
+    """Reuse ``--data`` if it holds this exact data, else generate it; returns (dir, stats, tmp)."""
+    tmp = None
+    if args.data is None:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
+        data = tmp / "mds"
+    else:
+        data = args.data
+    meta = data / "bench_data.json"
+    wanted = {
+        "version": DATA_VERSION,
+        "samples": args.samples,
+        "seed": args.seed,
+        "vocabulary": args.vocabulary,
+    }
+    if meta.is_file():
+        stats = json.loads(meta.read_text())
+        if {k: stats.get(k) for k in wanted} == wanted:
+            log(f"reusing {data}")
+            return data, stats, tmp
+        raise SystemExit(
+            f"{data} holds other benchmark data ({ {k: stats.get(k) for k in wanted} }, wanted "
+            f"{wanted}): pass another --data directory or delete this one"
+        )
+    if data.exists() and any(data.iterdir()):
+        raise SystemExit(f"{data} is not empty and holds no bench_data.json: pick an empty dir")
+    log(f"generating {args.samples} samples into {data}")
+    stats = generate_data(data, args.samples, args.seed, args.vocabulary, args.gen_processes)
+    return data, stats, tmp
+
+
+# ------------------------------------------------------------------------------------------------
+# Instrumented parts (the real classes, counting and timing their calls)
+# ------------------------------------------------------------------------------------------------
+
+
+class CountingDecoder(ImageDecoder):
+    """``ImageDecoder`` that counts decoded images and times its stages (in its own process)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters."""
+        self.decoded = 0
+        self.seconds = {"decode_pixels": 0.0, "normalize": 0.0}
+
+    def decode_pixels(self, images: Sequence[bytes], keys: Sequence[str], **kwargs: Any) -> list:
+        """Decode (thread pool) and count."""
+        started = time.perf_counter()
+        out = super().decode_pixels(images, keys, **kwargs)
+        self.seconds["decode_pixels"] += time.perf_counter() - started
+        self.decoded += len(images)
+        return out
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalise and time it."""
+        started = time.perf_counter()
+        out = super().normalize(pixels)
+        self.seconds["normalize"] += time.perf_counter() - started
+        return out
+
+
+class CountingTokenizer(CaptionTokenizer):
+    """``CaptionTokenizer`` that counts and times the captions it tokenizes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters."""
+        self.tokenized = 0
+        self.seconds = 0.0
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        """Tokenize, count and time."""
+        started = time.perf_counter()
+        out = super().__call__(captions)
+        self.seconds += time.perf_counter() - started
+        self.tokenized += len(captions)
+        return out
+
+
+class DecodeInLoader:
+    """Collate function for ``iid``/``eager``: collate, tokenize and decode in the worker.
+
+    Uses ``ConceptCollator(tokenizer=...)`` (batch tokenization of every caption) and a
+    one-thread ``ImageDecoder`` on every image of the batch, and reports its counts and timings
+    in the batch so the main process can check them.
+    """
+
+    def __init__(self, decoder: CountingDecoder, tokenizer: CountingTokenizer) -> None:
+        self.collator = ConceptCollator(tokenizer=tokenizer)
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.calls = 0
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Collate ``samples`` into decoded images, tokens and concept ids."""
+        started = time.perf_counter()
+        self.decoder.reset()
+        self.tokenizer.reset()
+        batch = self.collator(samples)
+        info = get_worker_info()
+        rank = info.id if info is not None else 0
+        images = self.decoder(batch["image_bytes"], batch["keys"], step=self.calls, rank=rank)
+        self.calls += 1
+        return {
+            "images": images,
+            "text": batch["text"],
+            "keys": batch["keys"],
+            "concept_offsets": batch["concept_offsets"],
+            "concept_ids": batch["concept_ids"],
+            "worker": {
+                "decoded": self.decoder.decoded,
+                "tokenized": self.tokenizer.tokenized,
+                "decode_pixels": self.decoder.seconds["decode_pixels"],
+                "normalize": self.decoder.seconds["normalize"],
+                "tokenize": self.tokenizer.seconds,
+                "collate_total": time.perf_counter() - started,
+            },
+        }
+
+
+class MemorySampler(threading.Thread):
+    """Samples memory summed over this process and its children, per configuration.
+
+    RSS (``/proc/PID/statm``, microseconds per process) every ``interval`` seconds. PSS needs
+    ``/proc/PID/smaps_rollup``, which walks the page tables under the process's memory-map lock
+    (about 18 ms for a process with 300 MB resident) and so slows the page faults of the very
+    code being timed; it is sampled only with ``pss_interval > 0``, off by default.
+    """
+
+    def __init__(self, interval: float, pss_interval: float = 0.0) -> None:
+        super().__init__(daemon=True, name="memory-sampler")
+        self.interval = interval
+        self.pss_interval = pss_interval
+        self.label = "setup"
+        self.peak_rss: dict[str, int] = {}
+        self.peak_pss: dict[str, int] = {}
+        self._stop_event = threading.Event()
+        self._main = psutil.Process(os.getpid())
+        self._last_pss = -math.inf
+
+    def sample(self) -> None:
+        """One sample of every process in the tree."""
+        now = time.monotonic()
+        with_pss = self.pss_interval > 0 and now - self._last_pss >= self.pss_interval
+        rss = pss = 0
+        try:
+            processes = [self._main, *self._main.children(recursive=True)]
+        except psutil.Error:
+            return
+        for proc in processes:
+            try:
+                if with_pss:
+                    info = proc.memory_full_info()
+                    pss += info.pss
+                else:
+                    info = proc.memory_info()
+            except psutil.Error:  # a worker that just exited
+                continue
+            rss += info.rss
+        label = self.label
+        self.peak_rss[label] = max(self.peak_rss.get(label, 0), rss)
+        if with_pss:
+            self._last_pss = now
+            self.peak_pss[label] = max(self.peak_pss.get(label, 0), pss)
+
+    def run(self) -> None:
+        """Sample until stopped."""
+        while not self._stop_event.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        """Stop sampling after one last sample."""
+        self._stop_event.set()
+        self.join()
+        self.sample()
+
+
+# ------------------------------------------------------------------------------------------------
+# The three configurations
+# ------------------------------------------------------------------------------------------------
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    med = statistics.median(values)
+    return {
+        "median": round(med, 1),
+        "min": round(min(values), 1),
+        "max": round(max(values), 1),
+        "spread_pct": round(100 * (max(values) - min(values)) / med, 1) if med else 0.0,
+    }
+
+
+class Bench:
+    """Builds and times one configuration at a time."""
+
+    def __init__(self, args: argparse.Namespace, data: Path, num_concepts: int) -> None:
+        from composer.core import Event
+
+        from cabs_streaming.algorithm import ConceptAwareBatchSampling, keep_per_rank
+        from cabs_streaming.selection import get_policy
+
+        self.args = args
+        self.data = data
+        self.num_concepts = num_concepts
+        self.k = args.kept_batch
+        self.n = round(args.kept_batch / (1 - args.filter_ratio))
+        if keep_per_rank(self.n, args.filter_ratio) != self.k:
+            raise SystemExit(f"--kept-batch {self.k} / (1 - {args.filter_ratio}) is not whole")
+        self.event = Event.AFTER_DATALOADER
+        self.iid = get_policy("iid", {})
+        self.diversity = get_policy("diversity", {})
+
+        def decoder(threads: int | None) -> CountingDecoder:
+            return CountingDecoder.from_model_name(
+                args.model, is_train=True, seed=args.seed, num_threads=threads
+            )
+
+        self.worker_decoder = decoder(1)
+        self.worker_tokenizer = CountingTokenizer(args.model)
+        self.main_decoder = decoder(args.decode_threads)
+        self.main_tokenizer = CountingTokenizer(args.model)
+        self.algorithm = ConceptAwareBatchSampling(
+            decoder=self.main_decoder,
+            filter_ratio=args.filter_ratio,
+            policy=self.diversity,
+            seed=args.seed,
+            tokenizer=self.main_tokenizer,
+            verify_consensus=True,  # as training; a no-op with one process
+            num_concepts=num_concepts,
+        )
+        self.image_size = self.main_decoder.output_size
+        self.context_length = self.main_tokenizer.context_length
+        self._warm_kernels()
+
+    def _warm_kernels(self) -> None:
+        """Compile the numba selection kernels before anything is timed."""
+        from cabs_streaming.selection import select
+
+        offsets, ids = make_superbatch(0, vocabulary=self.num_concepts, world=1, per_rank=self.n)
+        for policy, k in ((self.iid, self.n), (self.diversity, self.k)):
+            select(policy, offsets, ids, world=1, k=k, seed=0, step=0,
+                   num_concepts=self.num_concepts)
+
+    def dataset(self, batch_size: int, round_index: int) -> ConceptStreamingDataset:
+        """A fresh dataset (the previous one on this local dir must be gone)."""
+        return ConceptStreamingDataset(
+            local=str(self.data),
+            remote=None,
+            batch_size=batch_size,
+            shuffle=True,
+            shuffle_seed=self.args.seed + round_index,
+            tokenizer=None,
+        )
+
+    def loader(self, dataset: Any, batch_size: int, collate: Callable) -> DataLoader:
+        """The DataLoader every configuration uses, only the batch size and collate differ."""
+        workers = self.args.workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=collate,
+            num_workers=workers,
+            prefetch_factor=self.args.prefetch if workers > 0 else None,
+            drop_last=True,
+            persistent_workers=False,
+        )
+
+    # -- per configuration: (dataset batch size, collate, process(batch, step) -> kept batch)
+
+    def _select_and_gather(self, batch: dict[str, Any], policy: Any, k: int, step: int) -> dict:
+        from cabs_streaming.algorithm import gather_concepts
+        from cabs_streaming.selection import select
+
+        offsets, ids = gather_concepts(batch["concept_offsets"], batch["concept_ids"])
+        result = select(policy, offsets, ids, world=1, k=k, seed=self.args.seed, step=step,
+                        num_concepts=self.num_concepts)
+        kept = result.for_rank(0)
+        if kept.shape[0] == len(batch["keys"]) and np.array_equal(kept, np.arange(kept.shape[0])):
+            return {"images": batch["images"], "text": batch["text"], "keys": batch["keys"]}
+        index = torch.as_tensor(kept, dtype=torch.long)
+        return {
+            "images": batch["images"][index],
+            "text": batch["text"][index],
+            "keys": [batch["keys"][i] for i in kept.tolist()],
+        }
+
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        """The algorithm's logged statistics; keeps the selection's own wall time."""
+        self.select_seconds += metrics.get(f"{self.algorithm.log_prefix}wall_ms", 0.0) / 1e3
+
+    def _deferred(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        state = SimpleNamespace(batch=batch, timestamp=SimpleNamespace(batch=step), device=None)
+        logger = SimpleNamespace(log_metrics=self._log_metrics)
+        self.algorithm.apply(self.event, state, logger)  # type: ignore[arg-type]
+        return state.batch
+
+    def setup(self, config: str) -> tuple[int, Callable, Callable[[dict, int], dict]]:
+        """Dataset/DataLoader batch size, collate function and main-process step of ``config``."""
+        in_loader = DecodeInLoader(self.worker_decoder, self.worker_tokenizer)
+        if config == "iid":
+            return self.k, in_loader, lambda b, s: self._select_and_gather(b, self.iid, self.k, s)
+        if config == "eager":
+            return (
+                self.n,
+                in_loader,
+                lambda b, s: self._select_and_gather(b, self.diversity, self.k, s),
+            )
+        if config == "deferred":
+            return self.n, ConceptCollator(), self._deferred
+        raise ValueError(config)
+
+    def run(self, config: str, round_index: int) -> dict[str, Any]:
+        """One timed round of ``config``; returns throughput, counts and timings."""
+        args = self.args
+        batch_size, collate, process = self.setup(config)
+        dataset = self.dataset(batch_size, round_index)
+        epoch_batches = dataset.size // batch_size
+        if args.warmup + args.steps > epoch_batches:
+            raise SystemExit(
+                f"{config}: {args.warmup + args.steps} batches of {batch_size} needed but the "
+                f"dataset holds {dataset.size} samples; raise --samples"
+            )
+        loader = self.loader(dataset, batch_size, collate)
+        self.main_decoder.reset()
+        self.main_tokenizer.reset()
+        iterator = iter(loader)
+        for step in range(args.warmup):
+            process(next(iterator), step)
+        self.main_decoder.reset()
+        self.main_tokenizer.reset()
+        self.select_seconds = 0.0
+        wait = work = 0.0
+        delivered = decoded = tokenized = 0
+        worker = {"decode_pixels": 0.0, "normalize": 0.0, "tokenize": 0.0, "collate_total": 0.0}
+        started = time.perf_counter()
+        for step in range(args.warmup, args.warmup + args.steps):
+            t0 = time.perf_counter()
+            batch = next(iterator)
+            t1 = time.perf_counter()
+            out = process(batch, step)
+            if args.consume:
+                float(out["images"].sum())  # reads every pixel, like a host-to-device copy
+            work += time.perf_counter() - t1
+            wait += t1 - t0
+            if out["images"].shape != (self.k, 3, *self.image_size) or len(out["keys"]) != self.k:
+                raise RuntimeError(f"{config}: unexpected kept batch {tuple(out['images'].shape)}")
+            if out["text"].shape != (self.k, self.context_length):
+                raise RuntimeError(f"{config}: unexpected tokens {tuple(out['text'].shape)}")
+            delivered += len(out["keys"])
+            if "worker" in batch:
+                decoded += batch["worker"]["decoded"]
+                tokenized += batch["worker"]["tokenized"]
+                for key in worker:
+                    worker[key] += batch["worker"][key]
+            del batch, out
+        elapsed = time.perf_counter() - started
+        decoded += self.main_decoder.decoded
+        tokenized += self.main_tokenizer.tokenized
+        del iterator, loader, dataset
+        gc.collect()
+        per_step = 1e3 / args.steps
+        result = {
+            "samples_per_s": delivered / elapsed,
+            "decoded_per_trained": decoded / delivered,
+            "tokenized_per_trained": tokenized / delivered,
+            "main_ms_per_step": {"wait": wait * per_step, "work": work * per_step},
+        }
+        if config == "deferred":
+            parts = {
+                "select": self.select_seconds,
+                "decode_pixels": self.main_decoder.seconds["decode_pixels"],
+                "normalize": self.main_decoder.seconds["normalize"],
+                "tokenize": self.main_tokenizer.seconds,
+            }
+            parts["rest"] = work - sum(parts.values())  # stack, index lists, apply's own work
+            result["main_ms_per_step"]["work_breakdown"] = {
+                key: value * per_step for key, value in parts.items()
+            }
+        else:
+            # Summed over the workers, per trained step: CPU-seconds of worker time.
+            result["worker_ms_per_step"] = {key: value * per_step for key, value in worker.items()}
+        return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line; ``--smoke`` shrinks everything for a functional check."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="MDS dir to create and keep, or reuse")
+    parser.add_argument("--samples", type=int, default=20_000, help="samples in the dataset")
+    parser.add_argument("--seed", type=int, default=0, help="data, shuffle, crop, selection seed")
+    parser.add_argument("--vocabulary", type=int, default=19_261, help="concept vocabulary size")
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model (transform, tokens)")
+    parser.add_argument("--kept-batch", type=int, default=256, help="trained samples per step")
+    parser.add_argument("--filter-ratio", type=float, default=0.8, help="f of deferred/eager")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (all configs)")
+    parser.add_argument("--prefetch", type=int, default=2, help="DataLoader prefetch_factor")
+    parser.add_argument(
+        "--decode-threads", type=int, default=None,
+        help="threads of the main-process decoder (deferred); default: ImageDecoder's default",
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=None,
+        help="torch intra-op threads of the main process (all configs); default: torch's",
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="subset, comma-separated")
+    parser.add_argument("--gen-processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--memory-interval", type=float, default=0.1, help="RSS sampling, s")
+    parser.add_argument(
+        "--pss-interval", type=float, default=0.0, help="PSS sampling, s (0: off; perturbs timing)"
+    )
+    parser.add_argument(
+        "--consume", action="store_true",
+        help="read every delivered image tensor once in the main process (stands in for the "
+        "host-to-device copy of a training step)",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="tiny functional run: 240 samples, kept batch 8, 2+2 steps, 1 round",
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.samples, args.kept_batch, args.warmup, args.steps, args.rounds = 240, 8, 2, 2, 1
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(args.configs) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; valid: {list(CONFIGS)}")
+    workers = max(1, args.workers)
+    if args.steps % workers or args.warmup % workers:
+        parser.error(f"--steps and --warmup must be multiples of --workers ({args.workers})")
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Generate or reuse the data, run the interleaved rounds and print the JSON line."""
+    args = parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    data, data_stats, tmp = prepare_data(args)
+    memory = MemorySampler(args.memory_interval, args.pss_interval)
+    try:
+        bench = Bench(args, data, args.vocabulary)
+        memory.start()
+        rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in args.configs}
+        for r in range(args.rounds):
+            for config in args.configs:
+                memory.label = config
+                result = bench.run(config, r)
+                memory.label = "between"
+                rounds[config].append(result)
+                log(f"round {r + 1}/{args.rounds} {config}: {result['samples_per_s']:.1f} "
+                    f"trained samples/s")
+    finally:
+        if memory.is_alive():
+            memory.stop()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    per_config: dict[str, Any] = {}
+    medians: dict[str, float] = {}
+    for config, results in rounds.items():
+        rates = [r["samples_per_s"] for r in results]
+        medians[config] = statistics.median(rates)
+
+        def median_of(path: Sequence[str], results: list = results) -> float:
+            values = []
+            for r in results:
+                value: Any = r
+                for part in path:
+                    value = value[part]
+                values.append(value)
+            return round(statistics.median(values), 2)
+
+        entry: dict[str, Any] = {
+            "samples_per_s": _stats(rates),
+            "per_round": [round(x, 1) for x in rates],
+            "decoded_per_trained": median_of(["decoded_per_trained"]),
+            "tokenized_per_trained": median_of(["tokenized_per_trained"]),
+            "main_ms_per_step": {
+                "wait": median_of(["main_ms_per_step", "wait"]),
+                "work": median_of(["main_ms_per_step", "work"]),
+            },
+        }
+        if config == "deferred":
+            entry["main_ms_per_step"]["work_breakdown"] = {
+                key: median_of(["main_ms_per_step", "work_breakdown", key])
+                for key in results[0]["main_ms_per_step"]["work_breakdown"]
+            }
+        else:
+            entry["worker_ms_per_step"] = {
+                key: median_of(["worker_ms_per_step", key])
+                for key in results[0]["worker_ms_per_step"]
+            }
+        entry["peak_rss_mb"] = round(memory.peak_rss.get(config, 0) / 2**20, 1)
+        if memory.peak_pss:
+            entry["peak_pss_mb"] = round(memory.peak_pss.get(config, 0) / 2**20, 1)
+        per_config[config] = entry
+
+    def ratio(config: str) -> float | None:
+        if config not in medians or "iid" not in medians:
+            return None
+        return round(medians[config] / medians["iid"], 3)
+
+    def per_round_ratios(config: str) -> list[float] | None:
+        if config not in rounds or "iid" not in rounds:
+            return None
+        return [
+            round(x["samples_per_s"] / a["samples_per_s"], 3)
+            for x, a in zip(rounds[config], rounds["iid"], strict=True)
+        ]
+
+    usage_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    line: dict[str, Any] = {
+        "iid_samples_per_s": round(medians["iid"], 1) if "iid" in medians else None,
+        "deferred_samples_per_s": round(medians["deferred"], 1) if "deferred" in medians else None,
+        "eager_samples_per_s": round(medians["eager"], 1) if "eager" in medians else None,
+        "deferred_ratio": ratio("deferred"),
+        "eager_ratio": ratio("eager"),
+        "peak_rss_mb": round(max(memory.peak_rss.values(), default=0) / 2**20, 1),
+        "deferred_ratio_per_round": per_round_ratios("deferred"),
+        "eager_ratio_per_round": per_round_ratios("eager"),
+        "configs": per_config,
+        "memory": {
+            "peak_rss_mb": "max over samples of the summed RSS of main + DataLoader workers "
+            "(shared pages counted per process: an upper bound)",
+            "peak_pss_mb": (
+                round(max(memory.peak_pss.values()) / 2**20, 1) if memory.peak_pss else None
+            ),
+            "main_maxrss_mb": round(usage_self, 1),
+            "worker_maxrss_mb": round(usage_children, 1),
+            "rss_interval_s": args.memory_interval,
+            "pss_interval_s": args.pss_interval or None,
+        },
+        "settings": {
+            "model": args.model,
+            "image_size": list(bench.image_size),
+            "context_length": bench.context_length,
+            "kept_batch": bench.k,
+            "superbatch": bench.n,
+            "filter_ratio": args.filter_ratio,
+            "iid_filter_ratio": 0.0,
+            "policies": {"iid": "iid", "deferred": "diversity", "eager": "diversity"},
+            "workers": args.workers,
+            "prefetch_factor": args.prefetch,
+            "worker_decode_threads": 1,
+            "main_decode_threads": bench.main_decoder.num_threads,
+            "draft": bench.main_decoder.draft,
+            "draft_margin": bench.main_decoder.draft_margin,
+            "torch_threads_main": torch.get_num_threads(),
+            "torch_threads_workers": 1,
+            "warmup_steps": args.warmup,
+            "timed_steps_per_round": args.steps,
+            "rounds": args.rounds,
+            "kept_samples_per_round": args.steps * bench.k,
+            "order": "interleaved " + " ".join(args.configs) + " per round",
+            "cpu_count": os.cpu_count(),
+            "cpu_affinity": len(os.sched_getaffinity(0)),
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+            "data": data_stats,
+            "data_dir": str(data) if tmp is None else "temporary (removed)",
+            "seed": args.seed,
+            "consume": args.consume,
+            "smoke": args.smoke,
+        },
+    }
+    print(json.dumps(line), flush=True)
+    return line
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
