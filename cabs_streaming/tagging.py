@@ -25,7 +25,8 @@ Matching rules (what the caller can rely on)
 - **Normal form.** Names, synonyms, captions and detector names are compared in one normal
   form (:func:`normalise`): NFKC, case-folded, every run of characters that are not letters,
   digits or combining marks (spaces, punctuation, ``_``, emoji) becomes one space. So "T-Shirt",
-  "t shirt" and "t_shirt" are the same term, and "dog's" holds the word "dog".
+  "t shirt" and "t_shirt" are the same term, "St. Bernard" matches "St Bernard", and "dog's"
+  holds the word "dog". The price: a phrase can span punctuation ("hot, dog" is a "hot dog").
 - **Word boundaries.** A term matches only whole words: "cat" is not found in "category" or
   "cat5", but is in "cat." and "(cat)". Letters of every script are word characters, so scripts
   written without spaces (Chinese, Japanese, Thai) only match whole space-separated runs; tag
@@ -391,14 +392,14 @@ def _surface_forms(
                 held = best.get(candidate)
                 if held is None or (rank, cid) < held:
                     if held is not None and held[1] != cid:
-                        conflicts.append(
-                            Conflict(candidate, names[cid], names[held[1]], rank == held[0])
-                        )
+                        conflicts.append(Conflict(
+                            candidate, names[cid], names[held[1]], rank == held[0] == _WRITTEN
+                        ))
                     best[candidate] = (rank, cid)
                 elif held[1] != cid:
-                    conflicts.append(
-                        Conflict(candidate, names[held[1]], names[cid], rank == held[0])
-                    )
+                    conflicts.append(Conflict(
+                        candidate, names[held[1]], names[cid], rank == held[0] == _WRITTEN
+                    ))
     return {form: cid for form, (_, cid) in best.items()}, conflicts
 
 

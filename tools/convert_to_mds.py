@@ -1,10 +1,19 @@
 #!/usr/bin/env python
-"""Convert WebDataset tars, parquet files or a JSONL manifest into MDS shards (schema v1).
+r"""Convert WebDataset tars, parquet files or a JSONL manifest into MDS shards (schema v1).
 
 A thin command line over :func:`cabs_streaming.convert.convert`; ``--help`` lists the options and
 the module docstring of ``cabs_streaming/convert.py`` explains the design. Example::
 
     python tools/convert_to_mds.py --input shards/ --format webdataset --out s3://bucket/mds
+
+Data with captions but no concepts: take the ids from the captions with a tagging vocabulary
+(``coco``, ``imagenet1k`` or your own file, see ``cabs_streaming/tagging.py``), or from your own
+image tagger, a function ``(image_bytes, caption) -> list of names``::
+
+    python tools/convert_to_mds.py --input set.parquet --format parquet --out mds \
+        --tag-captions coco
+    python tools/convert_to_mds.py --input shards/ --format webdataset --out mds \
+        --tagger my_detector.py:tag_image --vocabulary vocabulary.json
 """
 
 import sys
