@@ -22,11 +22,15 @@ files shipped in ``cabs_streaming/vocabularies`` are found by their short names 
 
 Matching rules (what the caller can rely on)
 --------------------------------------------
-- **Normal form.** Names, synonyms, captions and detector names are compared in one normal
-  form (:func:`normalise`): NFKC, case-folded, every run of characters that are not letters,
-  digits or combining marks (spaces, punctuation, ``_``, emoji) becomes one space. So "T-Shirt",
-  "t shirt" and "t_shirt" are the same term, "St. Bernard" matches "St Bernard", and "dog's"
-  holds the word "dog". The price: a phrase can span punctuation ("hot, dog" is a "hot dog").
+- **Normal form.** Names, synonyms, captions and detector names are compared after NFKC and
+  case folding, with every character that is not a letter, digit or combining mark (spaces,
+  punctuation, ``_``, emoji) turned into a space (:func:`normalise` also collapses runs of
+  spaces, for names). So "T-Shirt", "t shirt" and "t_shirt" are the same term, and "dog's"
+  holds the word "dog".
+- **Phrases.** Captions are not collapsed (that makes tagging about 1.4x slower): the words of a
+  multi-word name must be separated as in one of its written forms, by one space or one
+  punctuation mark ("hot dog", "Hot-Dog", "hot_dog"), or by what the name itself writes ("St.
+  Bernard" matches "St. Bernard" and "St Bernard"). "hot, dog" and "hot  dog" are no hot dog.
 - **Word boundaries.** A term matches only whole words: "cat" is not found in "category" or
   "cat5", but is in "cat." and "(cat)". Letters of every script are word characters, so scripts
   written without spaces (Chinese, Japanese, Thai) only match whole space-separated runs; tag
@@ -46,8 +50,8 @@ Matching rules (what the caller can rely on)
   :attr:`CaptionTagger.conflicts`.
 
 Speed comes from one Aho-Corasick automaton (pyahocorasick) over all forms, each stored with a
-space on both sides, run over the normalised caption with a space on both sides: a key can then
-only match at word boundaries, so every match the automaton reports is a real mention, and the
+space on both sides, run over the folded caption with a space on both sides: a key can then only
+match at word boundaries, so every match the automaton reports is a real mention, and the
 leftmost-longest choice is a sort of a few tuples. ``tools/bench_tagging.py`` measures it.
 """
 
@@ -57,6 +61,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import unicodedata
 from collections import Counter
@@ -374,10 +379,23 @@ class Conflict:
     written: bool  # True when both wrote the form themselves (a likely mistake in the file)
 
 
+def _respace(form: str, separators: Sequence[str]) -> str:
+    """``form``'s words joined by ``separators`` (the space runs of a written term)."""
+    words = form.split(" ")
+    return "".join(w + s for w, s in zip(words, [*separators, ""], strict=True))
+
+
 def _surface_forms(
-    names: Sequence[str], synonyms: Sequence[Sequence[str]], inflect: bool
+    names: Sequence[str],
+    synonyms: Sequence[Sequence[str]],
+    inflect: bool,
+    as_written: bool = False,
 ) -> tuple[dict[str, int], list[Conflict]]:
-    """Normal form -> concept id for every name, synonym and (if asked) their inflections."""
+    """Normal form -> concept id for every name, synonym and (if asked) their inflections.
+
+    ``as_written`` adds, for a term whose punctuation leaves more than one space between words
+    ("St. Bernard" -> "st  bernard"), that spacing too: captions are folded but not collapsed.
+    """
     best: dict[str, tuple[int, int]] = {}
     conflicts: list[Conflict] = []
     for cid, (name, others) in enumerate(zip(names, synonyms, strict=True)):
@@ -385,9 +403,13 @@ def _surface_forms(
             form = normalise(term)
             if not form:
                 continue
-            candidates = [(form, _WRITTEN)]
-            if inflect:
-                candidates.extend((f, _GENERATED) for f in inflections(form))
+            generated = inflections(form) if inflect else []
+            candidates = [(form, _WRITTEN), *((f, _GENERATED) for f in generated)]
+            spaced = _fold(term).strip()
+            if as_written and spaced != form:
+                separators = re.findall(" +", spaced)
+                candidates.append((spaced, _WRITTEN))
+                candidates.extend((_respace(f, separators), _GENERATED) for f in generated)
             for candidate, rank in candidates:
                 held = best.get(candidate)
                 if held is None or (rank, cid) < held:
@@ -421,7 +443,9 @@ class CaptionTagger:
 
     def __init__(self, vocabulary: TaggingVocabulary, *, inflect: bool = True) -> None:
         self.vocabulary = vocabulary
-        forms, self.conflicts = _surface_forms(vocabulary.names, vocabulary.synonyms, inflect)
+        forms, self.conflicts = _surface_forms(
+            vocabulary.names, vocabulary.synonyms, inflect, as_written=True
+        )
         automaton = ahocorasick.Automaton()
         for form, cid in forms.items():
             key = f" {form} "
@@ -457,10 +481,7 @@ class CaptionTagger:
                 append([])
                 continue
             folded = caption.translate(ascii_table) if caption.isascii() else fold(caption)
-            matches = [
-                (end - extra, -extra, cid)
-                for end, (cid, extra) in find(" " + " ".join(folded.split()) + " ")
-            ]
+            matches = [(end - extra, -extra, cid) for end, (cid, extra) in find(f" {folded} ")]
             if len(matches) < 2:
                 append([m[2] for m in matches])
                 continue

@@ -84,9 +84,16 @@ def test_plural_and_irregular_forms_match(tagger: CaptionTagger, caption: str,
 
 def test_multi_word_names_win_over_their_parts(tagger: CaptionTagger) -> None:
     assert names(tagger, "hot dogs and a hot dog for the dog") == ["hot dog", "hot dog", "dog"]
-    # Punctuation counts as a space (so "hot-dog" and "St. Bernard" match their names), which
-    # also lets a phrase span a comma: a documented trade-off.
-    assert names(tagger, "a hot-dog, a hot, dog") == ["hot dog", "hot dog"]
+    # One space or one punctuation mark joins a phrase; a comma and a space, or two spaces, do not.
+    assert names(tagger, "a hot-dog, a Hot_Dog") == ["hot dog", "hot dog"]
+    assert names(tagger, "a hot, dog; hot  dog") == ["dog", "dog"]
+
+
+def test_names_with_punctuation_match_as_written_and_without_it() -> None:
+    tagger = CaptionTagger(TaggingVocabulary.parse("St. Bernard\ncat"))
+    assert tagger.names_in("St. Bernards, a st bernard and a St Bernard's bowl") == [
+        "St. Bernard"
+    ] * 3
 
 
 def test_overlapping_names_take_the_leftmost_longest(tagger: CaptionTagger) -> None:
@@ -105,8 +112,8 @@ def test_word_boundaries_and_punctuation(tagger: CaptionTagger) -> None:
     assert names(tagger, "T-shirt, tshirt, t shirt, T-SHIRTS") == ["t-shirt"] * 3
 
 
-def test_case_and_whitespace_do_not_matter(tagger: CaptionTagger) -> None:
-    assert names(tagger, "HOT   DOG\tand a\nCat") == ["hot dog", "cat"]
+def test_case_and_kinds_of_whitespace_do_not_matter(tagger: CaptionTagger) -> None:
+    assert names(tagger, "HOT DOG\tand a\nCat\r\nHot\u00a0Dog") == ["hot dog", "cat", "hot dog"]
 
 
 def test_unicode_captions(tagger: CaptionTagger) -> None:
