@@ -572,6 +572,7 @@ class Bench:
             verify_consensus=True,  # as training; a no-op with one process
             num_concepts=num_concepts,
         )
+        self.select_seconds = 0.0
         self.image_size = self.main_decoder.output_size
         self.context_length = self.main_tokenizer.context_length
         self._warm_kernels()
