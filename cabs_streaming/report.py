@@ -137,12 +137,19 @@ def draw_superbatches(samples: int, size: int, count: int, seed: int) -> list[np
     return batches
 
 
+def _distinct_pairs(offsets: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Unique (position in ``rows``, concept) pairs as ``[m, 2]`` int64 (vectorised)."""
+    lengths = offsets[rows + 1] - offsets[rows]
+    owner = np.repeat(np.arange(rows.shape[0], dtype=np.int64), lengths)
+    starts = np.repeat(offsets[rows] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    concept = ids[np.arange(owner.shape[0], dtype=np.int64) + starts].astype(np.int64)
+    return np.unique(np.stack([owner, concept], axis=1), axis=0)
+
+
 def _presence(offsets: np.ndarray, ids: np.ndarray, rows: np.ndarray, vocab: int) -> np.ndarray:
     """Samples among ``rows`` that contain each concept (a sample counts once per concept)."""
-    counts = np.zeros(vocab, dtype=np.int64)
-    for row in rows:
-        counts[np.unique(ids[offsets[row] : offsets[row + 1]])] += 1
-    return counts
+    pairs = _distinct_pairs(offsets, ids, rows)
+    return np.bincount(pairs[:, 1], minlength=vocab).astype(np.int64)
 
 
 def _subset(offsets: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -217,9 +224,8 @@ def concept_report(
     instances = np.bincount(ids, minlength=vocab).astype(np.int64)
     containing = _presence(offsets, ids, np.arange(data.samples), vocab)
     per_sample = np.bincount(lengths, minlength=1)
-    distinct_per_sample = np.array(
-        [np.unique(ids[offsets[i] : offsets[i + 1]]).shape[0] for i in range(data.samples)],
-        dtype=np.int64,
+    distinct_per_sample = np.bincount(
+        _distinct_pairs(offsets, ids, np.arange(data.samples))[:, 0], minlength=data.samples
     )
 
     # The same superbatches through every policy.
