@@ -352,6 +352,27 @@ def test_tag_captions_takes_ids_from_the_caption(tmp_path: Path, jpegs: list[byt
     assert report["concepts"] == {"instances": 5, "samples_without_concepts": 1}
 
 
+def test_tag_captions_needs_no_concept_field_in_jsonl_or_parquet(
+    tmp_path: Path, jpegs: list[bytes]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.jpg").write_bytes(jpegs[0])
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.jpg", "caption": "Two Dogs"}) + "\n")
+    report = convert([str(tmp_path / "m.jsonl")], "jsonl", str(tmp_path / "j"),
+                     tag_captions="coco", progress=False)
+    assert report["written"] == 1
+    assert [r["concepts"] for r in read_back(tmp_path / "j")] == [["dog"]]
+
+    table = pa.table({"image": [jpegs[1]], "caption": ["a cat on a couch"]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    report = convert([str(tmp_path / "p.parquet")], "parquet", str(tmp_path / "q"),
+                     tag_captions="coco", progress=False)
+    assert report["written"] == 1
+    assert [r["concepts"] for r in read_back(tmp_path / "q")] == [["cat", "couch"]]
+
+
 def test_tag_captions_excludes_the_other_concept_sources(tmp_path: Path,
                                                          jpegs: list[bytes]) -> None:
     tar = _caption_tar(tmp_path, jpegs)
