@@ -21,6 +21,10 @@ from omegaconf import OmegaConf
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config"]
 
 
+#: What ``decode.on_error`` accepts.
+DECODE_ERROR_MODES = ("raise", "replace")
+
+
 class ConfigError(ValueError):
     """A configuration problem, naming the key at fault and what is valid."""
 
@@ -54,7 +58,8 @@ class TrainDataConfig:
     cache_limit: str | int | None = None
     validate_hash: str | None = None
     """``sha1``/``xxh64``... : check every shard against index.json (catches corrupt shards)."""
-    download_retry: int = 2
+    download_retry: int = 6
+    """Attempts per shard download, with back-off 1, 2, 4... s: 6 ride out ~30 s of outage."""
     download_timeout: float = 60.0
     streams: dict[str, dict[str, Any]] | None = None
     """Streaming ``Stream`` kwargs by name, for mixtures (replaces ``local``/``remote``)."""
@@ -93,6 +98,9 @@ class DecodeConfig:
     threads: int | None = None
     draft: bool = True
     draft_margin: float = 1.5
+    on_error: str = "raise"
+    """A kept image that cannot be decoded: ``raise`` (stop, naming the sample) or ``replace``
+    (train on the rank's next unkept sample in the policy's order instead, counted in the logs)."""
 
 
 @dataclass
@@ -142,6 +150,12 @@ class RunConfig:
     save_latest_filename: str | None = "latest-rank{rank}.pt"
     save_num_checkpoints_to_keep: int = -1
     save_overwrite: bool = False
+    save_upload_attempts: int = 10
+    """Attempts per checkpoint upload to a remote save_folder (S3: boto3's exponential back-off
+    with jitter, at most 20 s apart; 10 ride out about a minute of outage on average)."""
+    save_latest_poll_s: float = 5.0
+    """How often to look for a finished remote checkpoint before moving the "latest" pointer
+    that autoresume reads (Composer's default is 30 s)."""
     autoresume: bool = False
     load_path: str | None = None
     progress_bar: bool = True
@@ -239,6 +253,13 @@ def parse_config(data: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(f"filter_ratio must lie in [0, 1), got {config.filter_ratio}")
     if config.global_train_batch_size < 1:
         raise ConfigError("global_train_batch_size must be positive")
+    if config.decode.on_error not in DECODE_ERROR_MODES:
+        raise ConfigError(
+            f"decode.on_error must be one of {list(DECODE_ERROR_MODES)}, got "
+            f"{config.decode.on_error!r}"
+        )
+    if config.save_upload_attempts < 1 or config.save_latest_poll_s <= 0:
+        raise ConfigError("save_upload_attempts must be >= 1 and save_latest_poll_s > 0")
     if config.autoresume and (not config.run_name or not config.save_folder):
         raise ConfigError("autoresume needs run_name and save_folder")
     data_cfg = config.train_data

@@ -25,8 +25,16 @@ from cabs_streaming.algorithm import ConceptAwareBatchSampling, keep_per_rank
 from cabs_streaming.callbacks import ConceptDiversityMonitor
 from cabs_streaming.config import ConfigError, RunConfig, load_config
 from cabs_streaming.dataset import ConceptCollator, ConceptStreamingDataset, num_samples_in_batch
+from cabs_streaming.storage import StorageError, check_s3_locations, tune_checkpoint_uploads
 
-__all__ = ["build_optimizer", "build_scheduler", "build_trainer", "main", "superbatch_per_rank"]
+__all__ = [
+    "build_optimizer",
+    "build_scheduler",
+    "build_trainer",
+    "main",
+    "s3_locations",
+    "superbatch_per_rank",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,28 @@ def _dataset_kwargs(cfg: RunConfig, batch_size: int) -> dict[str, Any]:
     return kwargs
 
 
+def s3_locations(cfg: RunConfig) -> list[tuple[str, str | None, str | None]]:
+    """Every remote location of a run as ``(config key, url, object that must exist)``.
+
+    Datasets must hold ``index.json``; for ``save_folder`` and ``load_path`` the folder (up to
+    the first ``{placeholder}``) must be listable.
+    """
+    data = cfg.train_data
+    found: list[tuple[str, str | None, str | None]] = [
+        ("train_data.remote", data.remote, "index.json")
+    ]
+    for name, stream in (data.streams or {}).items():
+        found.append((f"train_data.streams.{name}.remote", stream.get("remote"), "index.json"))
+    for name in ("zeroshot", "retrieval"):
+        options = getattr(cfg.eval_data, name) or {}
+        found.append((f"eval_data.{name}.remote", options.get("remote"), "index.json"))
+    if cfg.save_folder:
+        found.append(("save_folder", cfg.save_folder.split("{")[0], None))
+    if cfg.load_path:
+        found.append(("load_path", cfg.load_path.rsplit("/", 1)[0], None))
+    return found
+
+
 def build_optimizer(cfg: RunConfig, model: Any) -> torch.optim.Optimizer:
     """AdamW over the model's parameter groups (no decay on gains, biases, temperature)."""
     return torch.optim.AdamW(
@@ -105,6 +135,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist(cfg.device or ("gpu" if torch.cuda.is_available() else "cpu"))
     reproducibility.seed_all(cfg.seed)
+    check_s3_locations(s3_locations(cfg))  # one clear error now, not many late ones
     world = dist.get_world_size()
     n = superbatch_per_rank(cfg.global_train_batch_size, world, cfg.filter_ratio)
 
@@ -138,6 +169,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         verify_consensus=cfg.selection.verify_consensus,
         selection_log=cfg.selection.selection_log,
         num_concepts=len(dataset.vocabulary),
+        on_decode_error=cfg.decode.on_error,
     )
 
     evaluators = build_evaluators(model, cfg.eval_data)
@@ -150,7 +182,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         except TypeError as err:
             raise ConfigError(f"loggers.{name}: {err}") from err
 
-    return Trainer(
+    trainer = Trainer(
         model=model,
         train_dataloader=train_spec,
         eval_dataloader=evaluators or None,
@@ -180,6 +212,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
     )
+    tune_checkpoint_uploads(trainer, cfg.save_upload_attempts, cfg.save_latest_poll_s)
+    return trainer
 
 
 def final_metrics(trainer: Trainer) -> dict[str, float]:
@@ -209,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = build_trainer(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except StorageError as err:
+        print(f"storage error: {err}", file=sys.stderr)
         return 2
     trainer.fit()
     metrics = final_metrics(trainer)

@@ -1,0 +1,254 @@
+"""Object storage at the edges of a run: start-up checks and outage-proof checkpoint uploads.
+
+Why a start-up check: Streaming and Composer reach S3 from DataLoader workers, upload processes
+and autoresume code, and when the endpoint is wrong or the credentials are rejected they fail
+late, several times over and with messages that do not say which setting is at fault. One
+``ListObjectsV2`` per location before anything is built turns that into a single error that
+names ``S3_ENDPOINT_URL`` or the AWS credential variables. The secret key is never part of a
+message: only the access key id's first characters are shown, so a user can tell which
+credentials were used.
+
+Why the upload tuning: Composer's ``CheckpointSaver`` uploads to S3 with boto3's default of 3
+attempts (its own retry loop never fires for S3: the S3 store raises no "transient" errors), and
+polls for the remote "latest" pointer every 30 s; neither is a Trainer argument.
+``tune_checkpoint_uploads`` sets both on the built trainer, so a short S3 outage costs retries
+rather than the run, and the pointer that autoresume reads follows a checkpoint within seconds.
+When the retries run out, ``CheckpointUploadGuard`` stops the run with an error that says where
+the upload went, which endpoint setting was used and how to continue (autoresume), instead of
+the upload worker's bare exception.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlparse
+
+from composer.callbacks import CheckpointSaver
+from composer.core import Callback, State
+from composer.loggers import Logger
+
+__all__ = [
+    "CheckpointUploadGuard",
+    "StorageError",
+    "check_s3",
+    "check_s3_locations",
+    "describe_endpoint",
+    "tune_checkpoint_uploads",
+]
+
+#: Error codes an S3 server answers when it does not accept the credentials.
+CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "InvalidToken",
+        "ExpiredToken",
+        "AuthorizationHeaderMalformed",
+        "InvalidSecurity",
+        "403",
+    }
+)
+
+
+class StorageError(RuntimeError):
+    """Object storage is unreachable, refuses the credentials, or lacks what a run needs."""
+
+
+def describe_endpoint() -> str:
+    """Where S3 requests go, in words that name the variable that decides it."""
+    endpoint = os.environ.get("S3_ENDPOINT_URL")
+    if endpoint:
+        return f"S3_ENDPOINT_URL={endpoint}"
+    return "the default AWS endpoint (S3_ENDPOINT_URL is not set; set it for any other S3 server)"
+
+
+def _credential_hint() -> str:
+    key = os.environ.get("AWS_ACCESS_KEY_ID")
+    shown = f"AWS_ACCESS_KEY_ID={key[:4]}... (secret not shown)" if key else "no AWS_ACCESS_KEY_ID"
+    return (
+        f"{shown}; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that "
+        "these credentials may read and write the bucket"
+    )
+
+
+def _client(timeout: float, attempts: int) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
+        config=Config(
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"max_attempts": attempts, "mode": "standard"},
+        ),
+    )
+
+
+def check_s3(
+    url: str,
+    purpose: str,
+    *,
+    expect: str | None = None,
+    timeout: float = 10.0,
+    attempts: int = 3,
+) -> None:
+    """Raise ``StorageError`` unless ``url`` (``s3://bucket/prefix``) can be listed.
+
+    ``purpose`` says what the location is for (``"train_data.remote"``), ``expect`` names an
+    object that must exist under the prefix (``"index.json"`` for a dataset). Errors name the
+    location, the endpoint setting or the credential variables, and what to do; never the
+    secret key.
+    """
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
+
+    parsed = urlparse(url)
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
+    if parsed.scheme != "s3" or not bucket:
+        raise StorageError(f"{purpose}: {url!r} is not an s3://bucket/prefix URL")
+    where = f"{purpose} ({url})"
+    try:
+        client = _client(timeout, attempts)
+        listing = prefix.rstrip("/") + "/" if prefix else ""
+        client.list_objects_v2(Bucket=bucket, Prefix=listing, MaxKeys=1)
+        if expect is not None:
+            key = f"{listing}{expect}"
+            try:
+                client.head_object(Bucket=bucket, Key=key)
+            except ClientError as err:
+                if _code(err) in ("404", "NoSuchKey", "NotFound"):
+                    raise StorageError(
+                        f"{where}: s3://{bucket}/{key} does not exist; point {purpose} at a "
+                        "folder written by tools/convert_to_mds.py"
+                    ) from None
+                raise
+    except StorageError:
+        raise
+    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as err:
+        raise StorageError(
+            f"cannot reach S3 for {where} at {describe_endpoint()}: {type(err).__name__}. Check "
+            "that S3_ENDPOINT_URL names a running S3 server reachable from this machine"
+        ) from None
+    except NoCredentialsError:
+        raise StorageError(
+            f"no AWS credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE)"
+        ) from None
+    except ClientError as err:
+        code = _code(err)
+        if code in CREDENTIAL_CODES:
+            raise StorageError(
+                f"S3 at {describe_endpoint()} rejected the credentials for {where} ({code}): "
+                f"{_credential_hint()}"
+            ) from None
+        if code in ("NoSuchBucket", "404"):
+            raise StorageError(
+                f"{where}: bucket {bucket!r} does not exist at {describe_endpoint()}; create it "
+                "or fix the URL"
+            ) from None
+        raise StorageError(f"S3 refused {where} at {describe_endpoint()}: {code}") from None
+    except BotoCoreError as err:
+        raise StorageError(
+            f"S3 request for {where} at {describe_endpoint()} failed: {type(err).__name__}"
+        ) from None
+
+
+def _code(err: Any) -> str:
+    return str(
+        err.response.get("Error", {}).get("Code")
+        or err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "unknown")
+    )
+
+
+def check_s3_locations(locations: Iterable[tuple[str, str | None, str | None]]) -> None:
+    """``check_s3`` every ``(purpose, url, expected object)`` whose url is ``s3://``; once each."""
+    seen: set[str] = set()
+    for purpose, url, expect in locations:
+        if not url or not url.startswith("s3://") or url in seen:
+            continue
+        seen.add(url)
+        check_s3(url, purpose, expect=expect)
+
+
+class CheckpointUploadGuard(Callback):
+    """Turns a failed checkpoint upload into a ``StorageError`` that says how to go on.
+
+    Composer's ``CheckpointSaver`` re-raises an upload worker's exception at the next batch end
+    (or at ``fit_end``); this callback runs just before it, checks the same uploads and adds
+    the context: where the upload went, the endpoint setting, and how to continue.
+    """
+
+    def __init__(self, uploader: Any, folder: str, attempts: int) -> None:
+        self.uploader = uploader
+        self.folder = folder
+        self.attempts = attempts
+
+    def _check(self, check: Callable[[], None], state: State) -> None:
+        try:
+            check()
+        except Exception as err:
+            folder = self.folder.replace("{run_name}", state.run_name)
+            raise StorageError(
+                f"uploading a checkpoint to {folder} failed after {self.attempts} "
+                f"attempt(s) at {describe_endpoint()}: {type(err).__name__}: {err}. Training "
+                "stops here. Once S3 answers again, run the same command with autoresume=true "
+                "to continue from the last checkpoint that reached the bucket; raise "
+                "save_upload_attempts to ride out longer outages"
+            ) from err
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        """Raise if an upload has failed since the last batch."""
+        self._check(self.uploader.check_workers, state)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        """Wait for the last uploads; raise if one failed."""
+        self._check(self.uploader.wait, state)
+
+
+def tune_checkpoint_uploads(trainer: Any, attempts: int, latest_poll_s: float) -> bool:
+    """Give Composer's checkpoint uploads ``attempts`` tries and poll the pointer every N s.
+
+    For S3 the attempts are boto3's (``standard`` retry mode: exponential back-off with full
+    jitter, at most 20 s apart, so 10 attempts ride out about a minute of outage on average);
+    for other stores Composer's own retry loop gets the same number. A
+    :class:`CheckpointUploadGuard` goes first in the callbacks, so an upload that still fails
+    stops the run with a clear error. Returns whether the trainer uploads checkpoints at all (a
+    remote ``save_folder``). Fails loudly if Composer's internals moved, rather than silently
+    keeping its defaults.
+    """
+    if attempts < 1 or latest_poll_s <= 0:
+        raise ValueError(
+            f"save_upload_attempts must be >= 1 and save_latest_poll_s > 0, got {attempts} "
+            f"and {latest_poll_s}"
+        )
+    savers = [cb for cb in trainer.state.callbacks if isinstance(cb, CheckpointSaver)]
+    uploaders = [s for s in savers if getattr(s, "remote_uploader", None) is not None]
+    for saver in uploaders:
+        uploader = saver.remote_uploader
+        if not all(hasattr(uploader, a) for a in ("num_attempts", "backend_kwargs")) or not hasattr(
+            saver, "_symlink_upload_wait_before_next_try_in_seconds"
+        ):
+            raise RuntimeError(
+                "this Composer version's CheckpointSaver has no num_attempts / backend_kwargs / "
+                "symlink poll settings; pin mosaicml==0.32.1"
+            )
+        uploader.num_attempts = attempts
+        if uploader.remote_backend_name == "s3":
+            client_config = uploader.backend_kwargs.setdefault("client_config", {})
+            client_config["retries"] = {"mode": "standard", "max_attempts": attempts}
+        saver._symlink_upload_wait_before_next_try_in_seconds = float(latest_poll_s)
+        trainer.state.callbacks.insert(
+            0, CheckpointUploadGuard(uploader, uploader.remote_folder, attempts)
+        )
+    return bool(uploaders)
