@@ -91,6 +91,20 @@ def free_ports(count: int, attempts: int = 500) -> list[int]:
     return ports
 
 
+def point_clients_at(server: S3Server, mp: Any) -> None:
+    """Set (with ``pytest.MonkeyPatch`` ``mp``) what streaming, Composer and boto3 read.
+
+    Other AWS settings of the machine are removed and loopback bypasses any proxy, so test
+    traffic goes to ``server`` and nowhere else.
+    """
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        mp.delenv(name, raising=False)
+    for name, value in server.env().items():
+        mp.setenv(name, value)
+    for name in ("NO_PROXY", "no_proxy"):
+        mp.setenv(name, f"{HOST},localhost")
+
+
 class S3ServerError(RuntimeError):
     """The server did not start, or stopped unexpectedly."""
 

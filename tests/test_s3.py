@@ -17,7 +17,7 @@ import pytest
 import torch
 from botocore.exceptions import ClientError
 from paths import ROOT, SAMPLE
-from s3server import HOST, S3Server
+from s3server import HOST, S3Server, point_clients_at
 from streaming import StreamingDataset
 
 from cabs_streaming.concepts import Vocabulary, decode_concepts
@@ -36,12 +36,7 @@ QUICKSTART = ROOT / "yamls" / "quickstart.yaml"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One server for the module, its bucket, and the environment that points clients at it."""
     with S3Server(tmp_path_factory.mktemp("s3")) as s3, pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        for name, value in s3.env().items():
-            mp.setenv(name, value)
-        for name in ("NO_PROXY", "no_proxy"):  # never send loopback traffic through a proxy
-            mp.setenv(name, f"{HOST},localhost")
+        point_clients_at(s3, mp)
         s3.make_bucket(BUCKET)
         yield s3
 

@@ -1,0 +1,97 @@
+"""Run the quickstart recipe on two gloo ranks with the real ``composer`` launcher, for the
+resumption and fault tests, and read back the selection log it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from paths import ROOT, SAMPLE
+
+RUN = Path(__file__).with_name("resume_run.py")
+QUICKSTART = ROOT / "yamls" / "quickstart.yaml"
+COMPOSER = Path(sys.executable).with_name("composer")
+
+
+def train(
+    folder: Path,
+    kill_at: int | None,
+    *extra: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600,
+    entry_point: bool = False,
+) -> tuple[int, str]:
+    """Run the launcher in a session of its own; returns (exit status, the output's tail).
+
+    ``folder`` holds the run's outputs (checkpoints unless ``extra`` sets ``save_folder``, the
+    selection log, the final weights, the launcher's log); ``cwd`` is where the processes run
+    (``folder`` by default); ``env`` is added to this process's environment. The session makes
+    a kill reach every process of the run, and lets us sweep up whatever a killed or failed run
+    leaves behind, so that nothing outlives it. ``entry_point`` runs the users' ``train.py``
+    instead of ``resume_run.py`` (then ``kill_at`` must be None and no weights are written).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    cwd = cwd or folder
+    cwd.mkdir(parents=True, exist_ok=True)
+    args = [
+        f"variables.data={SAMPLE}",
+        f"run_name={folder.name}",
+        f"save_folder={folder}/checkpoints",
+        f"selection.selection_log={folder}/selection.jsonl",
+        f"metrics_file={folder}/metrics.json",
+        "autoresume=true",
+        "eval_data.zeroshot=null",
+        "eval_data.retrieval=null",
+        "progress_bar=false",
+        "log_to_console=false",
+        *extra,
+    ]
+    if entry_point:
+        assert kill_at is None, "train.py cannot be killed on cue"
+        command = [str(COMPOSER), "-n", "2", str(ROOT / "train.py"), str(QUICKSTART)]
+    else:
+        command = [
+            str(COMPOSER),
+            "-n",
+            "2",
+            str(RUN),
+            str(QUICKSTART),
+            str(kill_at or "none"),
+            str(folder / "weights.pt"),
+        ]
+    log = folder / "launcher.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [*command, *args],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+        try:
+            status = process.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return status, log.read_text(errors="replace")[-3000:]
+
+
+def selections(folder: Path) -> dict[int, list[list[str]]]:
+    """Step -> kept keys of every rank; a replayed step must repeat exactly what it logged."""
+    out: dict[int, list[list[str]]] = {}
+    for line in (folder / "selection.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["step"] in out:
+            assert out[record["step"]] == record["keys"], f"step {record['step']} changed"
+        out[record["step"]] = record["keys"]
+    return out

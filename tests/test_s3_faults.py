@@ -1,0 +1,203 @@
+"""Faults at the storage edge, against a real S3 server (SeaweedFS on 127.0.0.1).
+
+- S3 unreachable at start, or the credentials refused: one clear error before anything is
+  built, naming ``S3_ENDPOINT_URL`` or the credential variables, and the secret in no output.
+- The server stopped and restarted during training (2 gloo ranks, data and checkpoints in the
+  bucket): with the default retries the run rides out the outage; with one upload attempt it
+  stops with a clear error, and autoresume from the bucket, on a fresh working directory (as on
+  a new node), completes it. Both end with the selection log and bitwise weights of a run that
+  saw no outage.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from launch import QUICKSTART, selections, train
+from paths import SAMPLE
+from s3server import HOST, S3Server, free_ports, point_clients_at
+
+from cabs_streaming.train import main
+
+BUCKET = "faults"
+DATA = f"s3://{BUCKET}/sample/train"
+STEPS = 12
+SAVE_EVERY = 3
+OUTAGE_AFTER = 6  # checkpoint 3 and its pointer are in the bucket, 6 uploads into the outage
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A server holding the embedded sample's training shards, and the clients pointed at it."""
+    with S3Server(tmp_path_factory.mktemp("s3")) as s3, pytest.MonkeyPatch.context() as mp:
+        point_clients_at(s3, mp)
+        s3.make_bucket(BUCKET)
+        client = s3.client()
+        for path in sorted((SAMPLE / "train").iterdir()):
+            client.upload_file(str(path), BUCKET, f"sample/train/{path.name}")
+        yield s3
+
+
+def s3_run(folder: Path, *extra: str) -> list[str]:
+    """Overrides for a run whose data and checkpoints live in the bucket."""
+    return [
+        f"max_duration={STEPS}ba",
+        f"train_data.remote={DATA}",
+        f"train_data.local={folder}/cache",
+        f"save_folder=s3://{BUCKET}/checkpoints/{{run_name}}",
+        f"save_interval={SAVE_EVERY}ba",
+        "save_latest_poll_s=0.5",
+        "train_data.num_workers=1",
+        *extra,
+    ]
+
+
+def with_outage(server: S3Server, folder: Path, down_s: float) -> threading.Thread:
+    """Stop the server when the run asks (``CABS_TEST_OUTAGE``), restart it ``down_s`` later."""
+    signals = folder / "outage"
+    signals.mkdir(parents=True, exist_ok=True)
+
+    def run() -> None:
+        deadline = time.monotonic() + 300
+        while not (signals / "requested").exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        server.stop()
+        (signals / "down").touch()
+        time.sleep(down_s)
+        server.start()
+        (signals / "up").touch()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    expected, actual = torch.load(a / "weights.pt"), torch.load(b / "weights.pt")
+    return expected.keys() == actual.keys() and all(
+        torch.equal(expected[k], actual[k]) for k in expected
+    )
+
+
+@pytest.fixture(scope="module")
+def no_outage(server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("faults") / "no_outage"
+    status, output = train(folder, None, *s3_run(folder))
+    assert status == 0, output
+    assert len(selections(folder)) == STEPS
+    return folder
+
+
+# ------------------------------------------------------------------------------ at start
+
+
+def test_an_unreachable_endpoint_is_named_before_anything_starts(
+    server: S3Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (port,) = free_ports(1)  # nothing listens there
+    endpoint = f"http://{HOST}:{port}"
+    monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
+    status = main([str(QUICKSTART), f"variables.data={SAMPLE}", f"train_data.remote={DATA}"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"cannot reach S3 for train_data.remote ({DATA}) at S3_ENDPOINT_URL={endpoint}" in err
+    assert "Traceback" not in err
+
+
+def test_a_missing_dataset_is_named(server: S3Server, capsys: pytest.CaptureFixture[str]) -> None:
+    remote = f"s3://{BUCKET}/nothing/here"
+    status = main([str(QUICKSTART), f"variables.data={SAMPLE}", f"train_data.remote={remote}"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"{remote}/index.json does not exist" in err
+
+
+def test_wrong_credentials_fail_clearly_and_the_secret_is_never_written(
+    server: S3Server, tmp_path: Path
+) -> None:
+    secret = "wrong-secret-Zq81xWv"
+    folder = tmp_path / "wrong_secret"
+    status, _ = train(
+        folder,
+        None,
+        *s3_run(folder),
+        "progress_bar=true",
+        "log_to_console=true",
+        env={"AWS_SECRET_ACCESS_KEY": secret, "CABS_LOG_LEVEL": "DEBUG"},
+        timeout=300,
+        entry_point=True,
+    )
+    assert status == 2
+    written = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    output = written[folder / "launcher.log"].decode(errors="replace")
+    assert "rejected the credentials for train_data.remote" in output, output[-3000:]
+    assert "AWS_ACCESS_KEY_ID=cabs... (secret not shown)" in output
+    leaks = [str(path) for path, data in written.items() if secret.encode() in data]
+    leaks += [str(path) for path, data in written.items() if server.secret_key.encode() in data]
+    assert leaks == []
+
+
+# -------------------------------------------------------------------- during training
+
+
+def test_a_short_outage_costs_retries_not_the_run(
+    server: S3Server, no_outage: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "short_outage"
+    outage = with_outage(server, folder, down_s=5.0)
+    status, output = train(
+        folder,
+        None,
+        *s3_run(folder),
+        env={"CABS_TEST_OUTAGE": f"{OUTAGE_AFTER}:{folder / 'outage'}"},
+    )
+    outage.join(timeout=60)
+    assert (folder / "outage" / "up").exists(), "the outage never happened"
+    assert status == 0, output
+    uploaded = server.keys(BUCKET, f"checkpoints/{folder.name}/")
+    expected = [f"ep0-ba{b}-rank0.pt" for b in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)]
+    assert sorted(k.rsplit("/", 1)[-1] for k in uploaded if k.endswith(".pt")) == sorted(expected)
+    assert selections(folder) == selections(no_outage)
+    assert same_weights(folder, no_outage)
+
+
+def test_an_outage_beyond_the_retries_stops_clearly_and_autoresume_completes(
+    server: S3Server, no_outage: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "long_outage"
+    outage = with_outage(server, folder, down_s=20.0)
+    status, output = train(
+        folder,
+        None,
+        *s3_run(folder, "save_upload_attempts=1"),
+        cwd=tmp_path / "node-a",
+        env={"CABS_TEST_OUTAGE": f"{OUTAGE_AFTER}:{folder / 'outage'}"},
+    )
+    outage.join(timeout=120)
+    assert status != 0
+    output = (folder / "launcher.log").read_text(errors="replace")
+    assert (folder / "outage" / "up").exists()
+    assert f"uploading a checkpoint to s3://{BUCKET}/checkpoints/{folder.name}" in output, output
+    assert "run the same command with autoresume=true" in output
+    assert f"ep0-ba{OUTAGE_AFTER}-rank0.pt" in output, "another upload than the outage's failed"
+    assert not (folder / "weights.pt").exists()
+    logged = [json.loads(line)["step"] for line in (folder / "selection.jsonl").open()]
+
+    # A fresh working directory: no local checkpoint, so autoresume must read the bucket.
+    node_b = tmp_path / "node-b"
+    status, output = train(folder, None, *s3_run(folder), cwd=node_b)
+    assert status == 0, output
+    steps = [json.loads(line)["step"] for line in (folder / "selection.jsonl").open()]
+    second_run = steps[len(logged) :]
+    # Steps count from 0: checkpoint 3 holds steps 0-2, so the resumed run starts at step 3.
+    assert second_run == list(range(OUTAGE_AFTER - SAVE_EVERY, STEPS)), "not resumed from ba3"
+    assert selections(folder) == selections(no_outage)
+    assert same_weights(folder, no_outage)
