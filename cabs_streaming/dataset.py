@@ -33,6 +33,7 @@ from cabs_streaming.concepts import (
 
 __all__ = [
     "CaptionTokenizer",
+    "ShardError",
     "ConceptCollator",
     "ConceptStreamingDataset",
     "collate_concepts",
@@ -113,6 +114,28 @@ def _as_tokenizer(
     return CaptionTokenizer(tokenizer, context_length=context_length)
 
 
+class ShardError(ValueError):
+    """A shard could not be downloaded, validated or opened; the message names it.
+
+    A plain one-string exception, so a DataLoader worker can re-raise it in the main process.
+    """
+
+
+def _shard_hint(err: BaseException) -> str:
+    text = str(err)
+    if "Checksum failure" in text:
+        return (
+            "its bytes do not match the hash in index.json: the shard is corrupt or was changed "
+            "after conversion. Re-upload or re-convert it, and delete the copy in the local cache"
+        )
+    if "does not match with those provided" in text:
+        return (
+            "index.json carries no hash of that algorithm: convert with tools/convert_to_mds.py "
+            "(xxh64 by default) or set train_data.validate_hash to null"
+        )
+    return "check that the shard exists remotely and that S3_ENDPOINT_URL and credentials are set"
+
+
 class ConceptStreamingDataset(StreamingDataset):
     """A ``StreamingDataset`` over MDS schema v1 that keeps images encoded for deferred decoding.
 
@@ -156,6 +179,12 @@ class ConceptStreamingDataset(StreamingDataset):
 
     Resumption is streaming's (``state_dict`` / ``load_state_dict`` on a fresh instance), with one
     fix for the state Composer saves at an epoch boundary; see ``state_dict``.
+
+    Shard failures are loud. Streaming 0.13 prepares shards in background threads and, when one
+    fails (a download that runs out of retries, a checksum mismatch under ``validate_hash``), only
+    prints the traceback and ends the epoch early and silently. Here a failing shard raises
+    ``ShardError`` naming the shard and what to do, from ``__iter__`` in the process that
+    iterates (so through the DataLoader to the trainer), instead of training on a short epoch.
     """
 
     def __init__(
@@ -290,10 +319,41 @@ class ConceptStreamingDataset(StreamingDataset):
     def _shard_name(self, sample_index: int) -> str:
         """Human-readable shard path for error messages (remote if any, else local)."""
         shard_id, _ = self.spanner[sample_index]
+        return self._shard_label(int(shard_id))
+
+    def _shard_label(self, shard_id: int) -> str:
         stream = self.streams[int(self.stream_per_shard[shard_id])]
         shard = self.shards[shard_id]
         basename = getattr(getattr(shard, "raw_data", None), "basename", f"shard {shard_id}")
         return os.path.join(self._stream_name(stream), basename)
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """Streaming's ``prepare_shard``, with a failure turned into a ``ShardError``."""
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except ShardError:
+            raise
+        except Exception as err:
+            raise ShardError(
+                f"cannot prepare shard {self._shard_label(shard_id)}: {err}; {_shard_hint(err)}"
+            ) from err
+
+    def on_exception(self, future: Any) -> None:
+        """Remember a background thread's failure for ``__iter__`` (streaming only prints it)."""
+        error = future.exception()
+        if error is not None:
+            self._thread_error = error
+            self._event.set()
+
+    def __iter__(self) -> Any:
+        """Streaming's iteration; raises a background thread's failure instead of stopping."""
+        self._thread_error: BaseException | None = None
+        yield from super().__iter__()
+        error = self._thread_error
+        if error is not None:
+            if isinstance(error, ShardError):
+                raise ShardError(str(error)) from error
+            raise ShardError(f"reading the dataset failed: {error}") from error
 
     def get_item(self, idx: int, retry: int = 7) -> dict[str, Any]:
         """Sample ``idx`` (a global index) with its image still encoded; see the class docs."""

@@ -35,6 +35,7 @@ from cabs_streaming.dataset import (
     CaptionTokenizer,
     ConceptCollator,
     ConceptStreamingDataset,
+    ShardError,
     collate_concepts,
     num_samples_in_batch,
 )
@@ -68,8 +69,10 @@ def _tiles(n: int, size: int = 64) -> list[bytes]:
     return tiles
 
 
-def _write_mds(out: str, records: dict[str, Record], vocabulary: Vocabulary) -> None:
-    with MDSWriter(out=out, columns=MDS_COLUMNS, size_limit=1 << 15) as writer:
+def _write_mds(
+    out: str, records: dict[str, Record], vocabulary: Vocabulary, hashes: list[str] | None = None
+) -> None:
+    with MDSWriter(out=out, columns=MDS_COLUMNS, size_limit=1 << 15, hashes=hashes) as writer:
         for key, rec in records.items():
             writer.write(
                 {
@@ -462,3 +465,62 @@ def test_embedded_sample_splits_load_with_their_vocabulary(split: str) -> None:
     assert ids.numel() == 0 or int(ids.max()) < len(dataset.vocabulary)
     for image in batch["image_bytes"]:
         assert Image.open(io.BytesIO(image)).size == (64, 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged shards
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def hashed_remote(tmp_path: Path, records: dict[str, Record]) -> Path:
+    remote = tmp_path / "remote"
+    _write_mds(str(remote), records, Vocabulary(list(NAMES)), hashes=["xxh64"])
+    return remote
+
+
+def _damage(shard: Path) -> None:
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the sample data
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_shard_stops_iteration_with_an_error_naming_it(
+    hashed_remote: Path, tmp_path: Path, workers: int
+) -> None:
+    _damage(hashed_remote / "shard.00001.mds")
+    dataset = ConceptStreamingDataset(
+        remote=str(hashed_remote),
+        local=str(tmp_path / f"cache{workers}"),
+        batch_size=SUPERBATCH,
+        shuffle=False,
+        validate_hash="xxh64",
+    )
+    with pytest.raises(ShardError, match=r"shard\.00001\.mds: Checksum failure.*corrupt"):
+        _keys(_loader(dataset, num_workers=workers))
+
+
+def test_intact_hashed_shards_validate_and_read_completely(
+    hashed_remote: Path, tmp_path: Path
+) -> None:
+    dataset = ConceptStreamingDataset(
+        remote=str(hashed_remote),
+        local=str(tmp_path / "cache"),
+        batch_size=SUPERBATCH,
+        shuffle=False,
+        validate_hash="xxh64",
+    )
+    assert sum(len(keys) for keys in _keys(_loader(dataset))) == NUM_SAMPLES
+
+
+def test_asking_for_a_hash_the_index_lacks_says_what_to_do(mds_dir: str, tmp_path: Path) -> None:
+    dataset = ConceptStreamingDataset(
+        remote=mds_dir,
+        local=str(tmp_path / "cache"),
+        batch_size=SUPERBATCH,
+        shuffle=False,
+        validate_hash="xxh64",
+    )
+    with pytest.raises(ShardError, match=r"shard\.00000\.mds.*set train_data.validate_hash"):
+        _keys(_loader(dataset, num_workers=0))

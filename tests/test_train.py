@@ -192,3 +192,64 @@ def test_a_superbatch_that_does_not_divide_fails_clearly(tmp_path):
     run = run_train(*overrides(tmp_path, "global_train_batch_size=30", "filter_ratio=0.45"))
     assert run.returncode == 2
     assert "needs a superbatch of 54.5455 samples per rank, not a whole number" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def damaged_sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str]]:
+    """The first 480 training samples, every 9th image cut short after its JPEG header."""
+    from streaming import MDSWriter, StreamingDataset
+
+    from cabs_streaming.concepts import MDS_COLUMNS, Vocabulary
+
+    root = tmp_path_factory.mktemp("damaged")
+    source = StreamingDataset(local=str(SAMPLE / "train"), batch_size=1, shuffle=False)
+    broken: set[str] = set()
+    with MDSWriter(out=str(root / "train"), columns=MDS_COLUMNS) as writer:
+        for i in range(480):
+            sample = dict(source[i])
+            if i % 9 == 4:
+                sample["image"] = bytes(sample["image"])[:64]
+                broken.add(sample["key"])
+            writer.write(sample)
+    del source
+    Vocabulary.load(str(SAMPLE / "train")).save(str(root / "train"))
+    return root, broken
+
+
+def damaged_run(tmp_path: Path, data: Path, *extra: str):
+    cfg = load_config(
+        QUICKSTART,
+        overrides(
+            tmp_path, f"train_data.local={data}/train", "max_duration=3ba",
+            "eval_data.zeroshot=null", "eval_data.retrieval=null", "train_data.num_workers=0",
+            *extra,
+        ),
+    )
+    return build_trainer(cfg)
+
+
+def test_an_undecodable_kept_image_stops_training_naming_it(tmp_path, damaged_sample):
+    data, broken = damaged_sample
+    trainer = damaged_run(tmp_path, data)  # decode.on_error defaults to raise
+    message = r"cannot decode the image of sample '[\w-]+'.*training step 0"
+    with pytest.raises(ValueError, match=message) as err:
+        trainer.fit()
+    assert re.search(r"sample '([\w-]+)'", str(err.value)).group(1) in broken
+    trainer.close()
+
+
+def test_replace_trains_on_stand_ins_and_logs_every_replacement(tmp_path, damaged_sample):
+    data, broken = damaged_sample
+    trainer = damaged_run(tmp_path, data, "decode.on_error=replace")
+    trainer.fit()
+    (cabs,) = trainer.state.algorithms
+    records = [json.loads(line) for line in (tmp_path / "selection.jsonl").open()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    logged = [pair for r in records for rank in r.get("replaced", []) for pair in rank]
+    assert logged == [[bad, good] for _, _, bad, good in cabs.replacements]
+    assert len(logged) >= 3  # about one in nine of 3 x 32 kept samples
+    assert {bad for bad, _ in logged} <= broken
+    trained = [key for r in records for rank in r["keys"] for key in rank]
+    assert len(trained) == 3 * 32 and not broken & set(trained)
+    assert {good for _, good in logged} <= set(trained)
+    trainer.close()
