@@ -345,15 +345,16 @@ class ConceptAwareBatchSampling(Algorithm):
         """
         index = kept.tolist()
         keys = [batch["keys"][i] for i in index]
+        out = self.decoder.output_buffer(len(index))
         decoded = self.decoder.decode_pixels(
             [batch["image_bytes"][i] for i in index], keys, step=step, rank=rank,
-            errors="return",
+            errors="return", out=out,
         )
         failed = [slot for slot, d in enumerate(decoded) if isinstance(d, ImageDecodeError)]
         if failed:
-            self._replace(batch, index, decoded, failed, step, rank, reserve)
+            self._replace(batch, index, decoded, failed, step, rank, reserve, out)
             keys = [batch["keys"][i] for i in index]
-        images = self.decoder.to_tensor(decoded)
+        images = out if out is not None else self.decoder.to_tensor(decoded)
         if "text" in batch:
             text = batch["text"][torch.as_tensor(index, dtype=torch.long)]
         elif self.tokenizer is not None:
@@ -375,6 +376,7 @@ class ConceptAwareBatchSampling(Algorithm):
         step: int,
         rank: int,
         reserve: Callable[[], np.ndarray] | None,
+        out: torch.Tensor | None,
     ) -> None:
         """Fill the failed slots of ``decoded``/``index`` in place, or raise (see the class)."""
         first = decoded[failed[0]]
@@ -390,7 +392,8 @@ class ConceptAwareBatchSampling(Algorithm):
             for candidate in candidates:
                 key = batch["keys"][candidate]
                 result = self.decoder.decode_or_error(
-                    batch["image_bytes"][candidate], key, step=step, rank=rank, index=slot
+                    batch["image_bytes"][candidate], key, step=step, rank=rank, index=slot,
+                    row=None if out is None else out[slot],
                 )
                 if isinstance(result, DecodedImage):
                     break
