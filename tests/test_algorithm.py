@@ -30,9 +30,15 @@ def jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
-def superbatch(concepts: list[list[int]]) -> dict:
+def superbatch(concepts: list[list[int]], broken: tuple[int, ...] = ()) -> dict:
+    """Samples ``s0, s1, ...`` with real JPEGs, except the ``broken`` ones."""
     samples = [
-        {"key": f"s{i}", "image": jpeg(i), "caption": f"caption {i}", "concepts": np.array(c)}
+        {
+            "key": f"s{i}",
+            "image": broken_jpeg() if i in broken else jpeg(i),
+            "caption": f"caption {i}",
+            "concepts": np.array(c),
+        }
         for i, c in enumerate(concepts)
     ]
     return ConceptCollator()(samples)
@@ -101,8 +107,7 @@ def broken_jpeg() -> bytes:
 
 
 def test_an_undecodable_kept_image_raises_naming_the_sample_by_default():
-    batch = superbatch([[0], [1], [2], [3]])
-    batch["image_bytes"][1] = broken_jpeg()
+    batch = superbatch([[0], [1], [2], [3]], broken=(1,))
     cabs = algorithm(filter_ratio=0.5, policy="diversity")
     with pytest.raises(ImageDecodeError, match=r"'s1'.*step 7, rank 0.*on_error=replace"):
         cabs.kept_batch(batch, np.array([0, 1]), step=7, rank=0, reserve=lambda: np.array([2, 3]))
@@ -110,9 +115,7 @@ def test_an_undecodable_kept_image_raises_naming_the_sample_by_default():
 
 
 def test_replace_trains_on_the_first_decodable_stand_in_in_the_slot_of_the_failed_one():
-    batch = superbatch([[0], [1], [2], [3]])
-    batch["image_bytes"][1] = broken_jpeg()
-    batch["image_bytes"][3] = broken_jpeg()  # the first stand-in fails too
+    batch = superbatch([[0], [1], [2], [3]], broken=(1, 3))  # the first stand-in fails too
     cabs = algorithm(filter_ratio=0.5, policy="diversity", on_decode_error="replace")
     out = cabs.kept_batch(
         batch, np.array([0, 1]), step=7, rank=0, reserve=lambda: np.array([3, 2])
@@ -128,9 +131,7 @@ def test_replace_trains_on_the_first_decodable_stand_in_in_the_slot_of_the_faile
 
 
 def test_replace_fails_clearly_when_no_stand_in_decodes():
-    batch = superbatch([[0], [1], [2]])
-    for i in (1, 2):
-        batch["image_bytes"][i] = broken_jpeg()
+    batch = superbatch([[0], [1], [2]], broken=(1, 2))
     cabs = algorithm(filter_ratio=0.5, policy="iid", on_decode_error="replace")
     with pytest.raises(ImageDecodeError, match=r"'s1'.*no unkept sample of rank 0 at step 2"):
         cabs.kept_batch(batch, np.array([0, 1]), step=2, rank=0, reserve=lambda: np.array([2]))
