@@ -373,16 +373,23 @@ def prepare_data(args: argparse.Namespace) -> tuple[Path, dict[str, Any], Path |
 
 
 class CountingDecoder(ImageDecoder):
-    """``ImageDecoder`` that counts decoded images and times its stages (in its own process)."""
+    """``ImageDecoder`` that counts decoded images and times its stages (in its own process).
+
+    ``decode_pixels`` is wall time of the whole threaded decode, including any per-image
+    normalisation the decoder does in its threads (``normalize_into``, whose thread-seconds are
+    also summed separately as ``normalize_rows``); ``normalize`` is wall time of a separate
+    whole-batch normalisation pass, where the decoder makes one.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
         """Zero the counters."""
         self.decoded = 0
-        self.seconds = {"decode_pixels": 0.0, "normalize": 0.0}
+        self.seconds = {"decode_pixels": 0.0, "normalize": 0.0, "normalize_rows": 0.0}
 
     def decode_pixels(self, images: Sequence[bytes], keys: Sequence[str], **kwargs: Any) -> list:
         """Decode (thread pool) and count."""
@@ -393,11 +400,27 @@ class CountingDecoder(ImageDecoder):
         return out
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalise and time it."""
+        """Normalise a batch and time it."""
         started = time.perf_counter()
         out = super().normalize(pixels)
         self.seconds["normalize"] += time.perf_counter() - started
         return out
+
+    def normalize_into(self, row: torch.Tensor, pixels: np.ndarray) -> None:
+        """Normalise one image into its row (decoding threads call this) and time it."""
+        started = time.perf_counter()
+        super().normalize_into(row, pixels)  # type: ignore[misc]
+        with self._lock:
+            self.seconds["normalize_rows"] += time.perf_counter() - started
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 class CountingTokenizer(CaptionTokenizer):
@@ -456,6 +479,7 @@ class DecodeInLoader:
                 "tokenized": self.tokenizer.tokenized,
                 "decode_pixels": self.decoder.seconds["decode_pixels"],
                 "normalize": self.decoder.seconds["normalize"],
+                "normalize_rows": self.decoder.seconds["normalize_rows"],
                 "tokenize": self.tokenizer.seconds,
                 "collate_total": time.perf_counter() - started,
             },
@@ -522,6 +546,22 @@ class MemorySampler(threading.Thread):
 # ------------------------------------------------------------------------------------------------
 # The three configurations
 # ------------------------------------------------------------------------------------------------
+
+
+CPUS = len(os.sched_getaffinity(0))
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (DataLoader workers)."""
+    main = psutil.Process(os.getpid())
+    total = 0.0
+    for proc in [main, *main.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:  # a child that just exited
+            continue
+        total += times.user + times.system
+    return total
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -676,7 +716,10 @@ class Bench:
         self.select_seconds = 0.0
         wait = work = 0.0
         delivered = decoded = tokenized = 0
-        worker = {"decode_pixels": 0.0, "normalize": 0.0, "tokenize": 0.0, "collate_total": 0.0}
+        worker = dict.fromkeys(
+            ("decode_pixels", "normalize", "normalize_rows", "tokenize", "collate_total"), 0.0
+        )
+        cpu_started = tree_cpu_seconds()
         started = time.perf_counter()
         for step in range(args.warmup, args.warmup + args.steps):
             t0 = time.perf_counter()
@@ -699,6 +742,7 @@ class Bench:
                     worker[key] += batch["worker"][key]
             del batch, out
         elapsed = time.perf_counter() - started
+        cpu = tree_cpu_seconds() - cpu_started
         decoded += self.main_decoder.decoded
         tokenized += self.main_tokenizer.tokenized
         del iterator, loader, dataset
@@ -709,6 +753,7 @@ class Bench:
             "decoded_per_trained": decoded / delivered,
             "tokenized_per_trained": tokenized / delivered,
             "main_ms_per_step": {"wait": wait * per_step, "work": work * per_step},
+            "cpu_busy_share": cpu / (elapsed * CPUS),
         }
         if config == "deferred":
             parts = {
@@ -721,6 +766,11 @@ class Bench:
             result["main_ms_per_step"]["work_breakdown"] = {
                 key: value * per_step for key, value in parts.items()
             }
+            # Thread-milliseconds, already inside decode_pixels when the decoder normalises
+            # each image in its decoding thread.
+            result["main_ms_per_step"]["normalize_rows_in_decode_threads"] = (
+                self.main_decoder.seconds["normalize_rows"] * per_step
+            )
         else:
             # Summed over the workers, per trained step: CPU-seconds of worker time.
             result["worker_ms_per_step"] = {key: value * per_step for key, value in worker.items()}
@@ -754,7 +804,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="subset, comma-separated")
     parser.add_argument("--gen-processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--memory-interval", type=float, default=0.1, help="RSS sampling, s")
@@ -788,6 +838,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Generate or reuse the data, run the interleaved rounds and print the JSON line."""
     args = parse_args(argv)
+    load_at_start = os.getloadavg()[0]
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     data, data_stats, tmp = prepare_data(args)
@@ -835,11 +886,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "work": median_of(["main_ms_per_step", "work"]),
             },
         }
-        if config == "deferred":
+        entry["cpu_busy_share"] = median_of(["cpu_busy_share"])
+        if "work_breakdown" in results[0]["main_ms_per_step"]:
             entry["main_ms_per_step"]["work_breakdown"] = {
                 key: median_of(["main_ms_per_step", "work_breakdown", key])
                 for key in results[0]["main_ms_per_step"]["work_breakdown"]
             }
+            entry["main_ms_per_step"]["normalize_rows_in_decode_threads"] = median_of(
+                ["main_ms_per_step", "normalize_rows_in_decode_threads"]
+            )
         else:
             entry["worker_ms_per_step"] = {
                 key: median_of(["worker_ms_per_step", key])
@@ -909,7 +964,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "kept_samples_per_round": args.steps * bench.k,
             "order": "interleaved " + " ".join(args.configs) + " per round",
             "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)),
+            "cpu_affinity": CPUS,
+            "load_avg_1m_at_start": round(load_at_start, 2),
             "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
             "data": data_stats,
             "data_dir": str(data) if tmp is None else "temporary (removed)",
