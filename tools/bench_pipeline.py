@@ -918,6 +918,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for x, a in zip(rounds[config], rounds["iid"], strict=True)
         ]
 
+    def paired_median(config: str) -> float | None:
+        """Median of the per-round ratios: each round's pair shares that round's machine load."""
+        ratios = per_round_ratios(config)
+        return round(statistics.median(ratios), 3) if ratios else None
+
     usage_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     line: dict[str, Any] = {
@@ -929,6 +934,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_rss_mb": round(max(memory.peak_rss.values(), default=0) / 2**20, 1),
         "deferred_ratio_per_round": per_round_ratios("deferred"),
         "eager_ratio_per_round": per_round_ratios("eager"),
+        "deferred_ratio_paired_median": paired_median("deferred"),
+        "eager_ratio_paired_median": paired_median("eager"),
         "configs": per_config,
         "memory": {
             "peak_rss_mb": "max over samples of the summed RSS of main + DataLoader workers "
