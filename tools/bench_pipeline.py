@@ -38,7 +38,9 @@ scikit-image (and matplotlib's grace_hopper.jpg), encoded at the JPEG quality (4
 where 4:2:0 cannot reach the drawn size) that lands nearest a size drawn uniformly in the range.
 Every sample's image is encoded separately (no repeated bytes). Concepts are drawn as in
 ``tools/bench_selection.py`` (its generator is imported); captions are alt-text-like phrases
-built from ImageNet class names of the sample's concepts.
+built from ImageNet class names of the sample's concepts. At these sizes the decoder's reduced-size
+JPEG decoding (``draft``) never applies with the default ``draft_margin=1.5`` (the train crop
+would need a side of 672 px or more), so every image is fully decoded, then cropped and resized.
 
 Memory: ``peak_rss_mb`` is the largest sum of resident set sizes over the main process and all
 its DataLoader worker children, sampled by a psutil thread every ``--memory-interval`` seconds.
@@ -54,8 +56,11 @@ No model step runs, and by default the main process does not read the delivered 
 training step would copy them to the device in every configuration); ``--consume`` reads each
 delivered image tensor once, as that copy would, for a more end-to-end comparison.
 
-Run: ``python tools/bench_pipeline.py`` (about 3-4 minutes on 2 cores including data
-generation; ``--data DIR`` caches the data); ``--smoke`` is a seconds-long functional run.
+Run: ``python tools/bench_pipeline.py`` (on 2 cores about 2-4 minutes to generate the data,
+cached with ``--data DIR``, then 5-8 minutes for the 5 rounds); ``--smoke`` is a functional run of
+seconds. ``cpu_busy_share`` (CPU seconds of the process tree over wall seconds times cores, per
+configuration) near 1 for the loader-bound ``iid``/``eager`` says the bench had the machine; far
+below 1 says other processes took the cores and the numbers are not comparable.
 """
 
 from __future__ import annotations
