@@ -556,17 +556,19 @@ class MemorySampler(threading.Thread):
 CPUS = len(os.sched_getaffinity(0))
 
 
-def tree_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its live children (DataLoader workers)."""
+def tree_cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds of (this process, its live children: the DataLoader workers)."""
     main = psutil.Process(os.getpid())
-    total = 0.0
-    for proc in [main, *main.children(recursive=True)]:
+    times = main.cpu_times()
+    own = times.user + times.system
+    children = 0.0
+    for proc in main.children(recursive=True):
         try:
             times = proc.cpu_times()
         except psutil.Error:  # a child that just exited
             continue
-        total += times.user + times.system
-    return total
+        children += times.user + times.system
+    return own, children
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -747,7 +749,8 @@ class Bench:
                     worker[key] += batch["worker"][key]
             del batch, out
         elapsed = time.perf_counter() - started
-        cpu = tree_cpu_seconds() - cpu_started
+        cpu_ended = tree_cpu_seconds()
+        cpu_main, cpu_workers = (b - a for a, b in zip(cpu_started, cpu_ended, strict=True))
         decoded += self.main_decoder.decoded
         tokenized += self.main_tokenizer.tokenized
         del iterator, loader, dataset
@@ -758,7 +761,8 @@ class Bench:
             "decoded_per_trained": decoded / delivered,
             "tokenized_per_trained": tokenized / delivered,
             "main_ms_per_step": {"wait": wait * per_step, "work": work * per_step},
-            "cpu_busy_share": cpu / (elapsed * CPUS),
+            "cpu_busy_share": (cpu_main + cpu_workers) / (elapsed * CPUS),
+            "cpu_ms_per_step": {"main": cpu_main * per_step, "workers": cpu_workers * per_step},
         }
         if config == "deferred":
             parts = {
@@ -892,6 +896,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
         }
         entry["cpu_busy_share"] = median_of(["cpu_busy_share"])
+        entry["cpu_ms_per_step"] = {
+            role: median_of(["cpu_ms_per_step", role]) for role in ("main", "workers")
+        }
         if "work_breakdown" in results[0]["main_ms_per_step"]:
             entry["main_ms_per_step"]["work_breakdown"] = {
                 key: median_of(["main_ms_per_step", "work_breakdown", key])
