@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -230,6 +231,24 @@ def final_metrics(trainer: Trainer) -> dict[str, float]:
     return out
 
 
+#: How long a local rank other than 0 waits, after a start-up error, for local rank 0 to exit.
+STARTUP_FAILURE_GRACE_S = 60.0
+
+
+def _startup_failure(status: int = 2) -> int:
+    """Exit status 2 for a start-up error, reported as 2 by the ``composer`` launcher too.
+
+    Config and storage checks fail the same way on every rank. The launcher, on the first
+    rank that exits non-zero, SIGTERMs the others and then returns the first non-zero exit
+    code in rank order; when rank 1 happened to exit first, that was rank 0's SIGTERM
+    (status 241) instead of our 2. So local rank 0 exits at once and the other
+    local ranks give it a grace period first (the launcher ends them sooner).
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(STARTUP_FAILURE_GRACE_S)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: ``train.py RECIPE.yaml [key=value ...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -243,10 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = build_trainer(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return _startup_failure()
     except StorageError as err:
         print(f"storage error: {err}", file=sys.stderr)
-        return 2
+        return _startup_failure()
     trainer.fit()
     metrics = final_metrics(trainer)
     if dist.get_global_rank() == 0:
