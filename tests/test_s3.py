@@ -24,6 +24,7 @@ from cabs_streaming.concepts import Vocabulary, decode_concepts
 from cabs_streaming.config import load_config
 from cabs_streaming.convert import convert
 from cabs_streaming.dataset import ConceptStreamingDataset
+from cabs_streaming.report import FIGURES, SUMMARY, concept_report, read_concepts
 from cabs_streaming.train import build_trainer
 
 BUCKET = "cabs-test"
@@ -185,6 +186,28 @@ def test_streaming_dataset_reads_back_the_source_from_s3(
         f"shard.{i:05d}.mds" for i in range(3)
     ]
     del dataset, by_index, iterated
+
+
+def test_concept_report_reads_the_dataset_from_s3(
+    server: S3Server, uploaded: dict[str, Any], source: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    del server, uploaded  # the upload must have happened
+    remote = f"s3://{BUCKET}/{PREFIX}"
+    data = read_concepts(remote, max_samples=7, progress=False)
+    assert (data.samples, data.dataset_samples) == (7, COUNT)  # only the first 7 were read
+    names = [
+        [data.vocabulary.name_of(int(c)) for c in data.ids[data.offsets[i] : data.offsets[i + 1]]]
+        for i in range(data.samples)
+    ]
+    assert names == [s["concepts"] for s in source[:7]]
+
+    out = tmp_path / "report"
+    summary = concept_report(remote, str(out), filter_ratio=0.5, batch_size=3, batches=2, seed=1)
+    assert summary["samples"] == summary["dataset_samples"] == COUNT
+    assert summary["instances"] == sum(len(s["concepts"]) for s in source)
+    for name in FIGURES:
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
+    assert json.loads((out / SUMMARY).read_text()) == summary
 
 
 def test_composer_checkpoints_go_to_s3_and_load_back(server: S3Server, tmp_path: Path) -> None:
