@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 from streaming import StreamingDataset
 from streaming.base.storage import CloudDownloader
 from streaming.base.util import retry
+from torch.utils.data import DataLoader
 
 from cabs_streaming.concepts import (
     VOCABULARY_FILENAME,
@@ -37,6 +38,7 @@ __all__ = [
     "ShardError",
     "ConceptCollator",
     "ConceptStreamingDataset",
+    "LookaheadDataLoader",
     "collate_concepts",
     "num_samples_in_batch",
 ]
@@ -489,3 +491,54 @@ collate_concepts = ConceptCollator()
 def num_samples_in_batch(batch: dict[str, Any]) -> int:
     """Superbatch size of a collated batch, for Composer's ``DataSpec.get_num_samples_in_batch``."""
     return len(batch["keys"])
+
+
+class _Lookahead:
+    """An iterator that can hold back one item, so the next batch can be seen before its turn."""
+
+    _EMPTY = object()
+
+    def __init__(self, inner: Iterator[Any]) -> None:
+        self._inner = inner
+        self._held: Any = self._EMPTY
+        self._done = False
+
+    def __iter__(self) -> _Lookahead:
+        return self
+
+    def __next__(self) -> Any:
+        if self._held is not self._EMPTY:
+            item, self._held = self._held, self._EMPTY
+            return item
+        if self._done:
+            raise StopIteration
+        return next(self._inner)
+
+    def peek(self) -> Any | None:
+        """The item the next ``next()`` returns, or None at the end; it stays to be returned."""
+        if self._held is self._EMPTY and not self._done:
+            try:
+                self._held = next(self._inner)
+            except StopIteration:
+                self._done = True
+        return None if self._held is self._EMPTY else self._held
+
+
+class LookaheadDataLoader(DataLoader):
+    """A ``DataLoader`` whose current epoch's next batch can be looked at before it is due.
+
+    ``ConceptAwareBatchSampling`` uses :meth:`peek` at step ``t`` to select step ``t + 1``'s
+    samples and decode them in the background while the model trains on step ``t`` (on a GPU
+    the CPU is otherwise idle then). Batches come out unchanged and in the same order, and
+    Composer still counts each one when it is due, so resume positions are unaffected.
+    """
+
+    _ahead: _Lookahead | None = None
+
+    def __iter__(self) -> _Lookahead:  # type: ignore[override]
+        self._ahead = _Lookahead(super().__iter__())
+        return self._ahead
+
+    def peek(self) -> Any | None:
+        """The batch the current iteration yields next, or None (no iteration, or its end)."""
+        return None if self._ahead is None else self._ahead.peek()

@@ -35,6 +35,7 @@ from cabs_streaming.dataset import (
     CaptionTokenizer,
     ConceptCollator,
     ConceptStreamingDataset,
+    LookaheadDataLoader,
     ShardError,
     collate_concepts,
     num_samples_in_batch,
@@ -318,6 +319,38 @@ def test_superbatches_from_two_workers_carry_the_ragged_concepts_of_their_sample
             assert concepts == records[key].concepts
         seen += batch["keys"]
     assert sorted(seen) == sorted(records)  # every sample exactly once
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lookahead_loader_shows_the_next_batch_without_changing_the_sequence(
+    mds_dir: str, workers: int
+) -> None:
+    def loader(cls: type[DataLoader]) -> DataLoader:
+        dataset = ConceptStreamingDataset(local=mds_dir, batch_size=SUPERBATCH, shuffle=True)
+        return cls(
+            dataset, batch_size=SUPERBATCH, collate_fn=ConceptCollator(), num_workers=workers,
+            drop_last=True, persistent_workers=workers > 0,
+        )
+
+    plain = loader(DataLoader)
+    expected = [[batch["keys"] for batch in plain] for _ in range(2)]  # two epochs
+    del plain
+    ahead = loader(LookaheadDataLoader)
+    assert ahead.peek() is None  # nothing is being iterated yet
+    for epoch in range(2):
+        got = []
+        iterator = iter(ahead)
+        while (upcoming := ahead.peek()) is not None:
+            assert ahead.peek() is upcoming  # peeking again draws nothing more
+            batch = next(iterator)
+            assert batch is upcoming
+            got.append(batch["keys"])
+        assert ahead.peek() is None
+        with pytest.raises(StopIteration):
+            next(iterator)
+        assert got == expected[epoch]
+    del ahead
+    gc.collect()
 
 
 def test_tokens_from_the_dataset_are_stacked(mds_dir: str) -> None:
