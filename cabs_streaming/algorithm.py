@@ -23,6 +23,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from cabs_streaming.dataset import CaptionTokenizer
+from cabs_streaming.dataset import CaptionTokenizer, LookaheadDataLoader
 from cabs_streaming.decode import DecodedImage, ImageDecodeError, ImageDecoder
 from cabs_streaming.selection import (
     SelectionPolicy,
@@ -167,6 +168,37 @@ class SelectionRecord:
         return (self.kept + starts).ravel()
 
 
+@dataclass
+class _Prepared:
+    """One step's selection, and its kept batch: built already, or being built in the background."""
+
+    step: int
+    keys: list[str]  # the superbatch's keys: what it was built from
+    record: SelectionRecord
+    done: tuple[dict[str, Any], list[tuple[int, int, str, str, str]]] | None = None
+    future: Future | None = None
+
+    def is_for(self, step: int, keys: Sequence[str]) -> bool:
+        """Whether this was built from ``keys`` at ``step``.
+
+        Selection and decoding are pure functions of the samples and the step, so a match
+        means the very same kept batch.
+        """
+        return self.step == step and self.keys == list(keys)
+
+    def collect(self) -> tuple[dict[str, Any], list[tuple[int, int, str, str, str]]]:
+        """The kept batch and its replacements; waits for the background work, re-raising."""
+        if self.future is not None:
+            return self.future.result()
+        assert self.done is not None
+        return self.done
+
+    def discard(self) -> None:
+        """Drop work nobody will train on (its errors included), once it has stopped."""
+        if self.future is not None and not self.future.cancel():
+            self.future.exception()  # waits; the error, if any, concerns no trained sample
+
+
 class ConceptAwareBatchSampling(Algorithm):
     """Keep the most useful ``1 - filter_ratio`` share of every superbatch, by concepts.
 
@@ -197,6 +229,11 @@ class ConceptAwareBatchSampling(Algorithm):
             deterministic as the selection; each replacement is logged as a warning, counted
             in ``cabs/decode_replaced``, kept in ``replacements`` and written to the selection
             log.
+        lookahead: with a ``LookaheadDataLoader``, select step ``t + 1`` right after step
+            ``t``'s batch is handed over and decode its kept images on a background thread
+            while the model trains on step ``t``, as loader workers do for plain training.
+            The batches are identical with and without it; it costs one superbatch of encoded
+            bytes and one kept batch of memory. With other loaders it has no effect.
         log_prefix: prefix of the logged statistics.
 
     Example::
@@ -224,6 +261,7 @@ class ConceptAwareBatchSampling(Algorithm):
         selection_log: str | os.PathLike | None = None,
         num_concepts: int | None = None,
         on_decode_error: str = "raise",
+        lookahead: bool = True,
         log_prefix: str = "cabs/",
     ) -> None:
         if not 0.0 <= filter_ratio < 1.0:
@@ -248,7 +286,12 @@ class ConceptAwareBatchSampling(Algorithm):
         self.selection_log = os.fspath(selection_log) if selection_log else None
         self.num_concepts = num_concepts
         self.on_decode_error = on_decode_error
+        self.lookahead = lookahead
         self.log_prefix = log_prefix
+        self._pending: _Prepared | None = None
+        #: Steps whose kept batch was built in the background during the step before.
+        self.looked_ahead = 0
+        self._executor: ThreadPoolExecutor | None = None
         self.last: SelectionRecord | None = None
         #: ``(step, rank, failed key, stand-in key)`` for every replaced image of this process.
         self.replacements: list[tuple[int, int, str, str]] = []
@@ -284,11 +327,27 @@ class ConceptAwareBatchSampling(Algorithm):
     # ------------------------------------------------------------------------------ the event
 
     def match(self, event: Event, state: State) -> bool:
-        """Run right after each training batch is drawn (and counted)."""
-        return event == Event.AFTER_DATALOADER
+        """Run right after each training batch is drawn (and counted), and at the end of fit."""
+        return event in (Event.AFTER_DATALOADER, Event.FIT_END)
+
+    def drop_lookahead(self) -> None:
+        """Forget the step being prepared in the background (waiting for its thread first)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.discard()
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        """Select, decode the kept images and replace ``state.batch`` with the kept batch."""
+        """Select, decode the kept images and replace ``state.batch`` with the kept batch.
+
+        With ``lookahead``, step ``t``'s work was already done in the background during step
+        ``t - 1`` and is only collected here; then step ``t + 1``'s selection runs (its
+        collectives stay on this thread, in the same order on every rank) and its decoding is
+        started in the background. The batches are the same either way. At ``FIT_END`` a step
+        prepared beyond the end of training is dropped.
+        """
+        if event == Event.FIT_END:
+            self.drop_lookahead()
+            return
         batch = state.batch
         if not isinstance(batch, Mapping) or any(key not in batch for key in REQUIRED_KEYS):
             found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
@@ -297,12 +356,47 @@ class ConceptAwareBatchSampling(Algorithm):
                 f"ConceptCollator (a dict with {list(REQUIRED_KEYS)}); got {found}"
             )
         step = int(state.timestamp.batch)
+        device = _collective_device(state)
+        prepared, self._pending = self._pending, None
+        if prepared is None or not prepared.is_for(step, batch["keys"]):
+            if prepared is not None:
+                prepared.discard()
+            prepared = self._prepare(batch, step, device, background=False)
+        elif prepared.future is not None:
+            self.looked_ahead += 1
+        kept, replaced = prepared.collect()
+        if kept["images"] is None:
+            kept["images"] = self.decoder.to_tensor(kept.pop("decoded"))
+        else:
+            kept.pop("decoded")
+        for failed_step, rank, bad_key, key, cause in replaced:
+            log.warning(
+                "step %d, rank %d: the image of kept sample %r cannot be decoded (%s); training "
+                "on %r instead (decode.on_error=replace)",
+                failed_step, rank, bad_key, cause, key,
+            )
+            self.replacements.append((failed_step, rank, bad_key, key))
+        state.batch = kept
+        self.last = prepared.record
+        metrics = prepared.record.result.stats.as_dict(self.log_prefix)
+        metrics[f"{self.log_prefix}decode_replaced"] = float(len(replaced))
+        logger.log_metrics(metrics)
+        if self.selection_log:
+            self._append_log(step, kept["keys"], [r[2:4] for r in replaced])
+        if self.lookahead:
+            self._pending = self._look_ahead(state, step + 1, device)
+
+    def _prepare(
+        self, batch: Mapping[str, Any], step: int, device: torch.device, *, background: bool
+    ) -> _Prepared:
+        """Select step ``step`` (collectives, on this thread) and decode its kept images.
+
+        The decoding runs on a background thread when ``background``, else before returning.
+        """
         rank = dist.get_global_rank()
         world = dist.get_world_size()
-        device = _collective_device(state)
         n = len(batch["keys"])
         k = keep_per_rank(n, self.filter_ratio)
-
         offsets, ids = gather_concepts(batch["concept_offsets"], batch["concept_ids"], device)
         result = select(
             self.policy, offsets, ids, world=world, k=k, seed=self.seed, step=step,
@@ -317,17 +411,30 @@ class ConceptAwareBatchSampling(Algorithm):
                 self.num_concepts,
             )
 
-        replaced_before = len(self.replacements)
-        state.batch = self.kept_batch(
-            batch, result.for_rank(rank), step=step, rank=rank, reserve=reserve
-        )
-        replaced = self.replacements[replaced_before:]
-        self.last = SelectionRecord(step, offsets, ids, result.kept, n, result)
-        metrics = result.stats.as_dict(self.log_prefix)
-        metrics[f"{self.log_prefix}decode_replaced"] = float(len(replaced))
-        logger.log_metrics(metrics)
-        if self.selection_log:
-            self._append_log(step, state.batch["keys"], [r[2:] for r in replaced])
+        def build() -> tuple[dict[str, Any], list[tuple[int, int, str, str, str]]]:
+            return self._build(batch, result.for_rank(rank), step, rank, reserve)
+
+        record = SelectionRecord(step, offsets, ids, result.kept, n, result)
+        if not background:
+            return _Prepared(step, list(batch["keys"]), record, done=build())
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="cabs-lookahead")
+        return _Prepared(step, list(batch["keys"]), record, future=self._executor.submit(build))
+
+    def _look_ahead(self, state: State, step: int, device: torch.device) -> _Prepared | None:
+        """Start step ``step`` from the loader's next batch, when every rank has one."""
+        loader = getattr(state, "dataloader", None)
+        upcoming = loader.peek() if isinstance(loader, LookaheadDataLoader) else None
+        usable = isinstance(upcoming, Mapping) and all(k in upcoming for k in REQUIRED_KEYS)
+        if dist.get_world_size() > 1:
+            # Every rank must take part in the selection's collectives, or none.
+            flag = torch.tensor([1 if usable else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, reduce_operation="MIN")
+            usable = bool(flag.item())
+        if not usable:
+            return None
+        assert isinstance(upcoming, Mapping)
+        return self._prepare(upcoming, step, device, background=True)
 
     def kept_batch(
         self,
@@ -342,6 +449,28 @@ class ConceptAwareBatchSampling(Algorithm):
 
         ``reserve`` gives the stand-ins for undecodable images (``on_decode_error="replace"``):
         this rank's unkept local indices in the policy's order, computed only when needed.
+        Replacements are recorded in ``replacements``.
+        """
+        out, replaced = self._build(batch, kept, step, rank, reserve)
+        decoded = out.pop("decoded")
+        if out["images"] is None:
+            out["images"] = self.decoder.to_tensor(decoded)
+        self.replacements.extend(r[:4] for r in replaced)
+        return out
+
+    def _build(
+        self,
+        batch: Mapping[str, Any],
+        kept: np.ndarray,
+        step: int,
+        rank: int,
+        reserve: Callable[[], np.ndarray] | None,
+    ) -> tuple[dict[str, Any], list[tuple[int, int, str, str, str]]]:
+        """Decode and tokenize the kept samples; thread-safe (it touches no shared state).
+
+        Returns the batch, whose ``images`` is None on a GPU (``decoded`` then holds the
+        ``uint8`` images for :meth:`ImageDecoder.to_tensor`, which the caller runs), and the
+        replacements as ``(step, rank, failed key, stand-in key, cause)``.
         """
         index = kept.tolist()
         keys = [batch["keys"][i] for i in index]
@@ -351,10 +480,10 @@ class ConceptAwareBatchSampling(Algorithm):
             errors="return", out=out,
         )
         failed = [slot for slot, d in enumerate(decoded) if isinstance(d, ImageDecodeError)]
+        replaced: list[tuple[int, int, str, str, str]] = []
         if failed:
-            self._replace(batch, index, decoded, failed, step, rank, reserve, out)
+            replaced = self._replace(batch, index, decoded, failed, step, rank, reserve, out)
             keys = [batch["keys"][i] for i in index]
-        images = out if out is not None else self.decoder.to_tensor(decoded)
         if "text" in batch:
             text = batch["text"][torch.as_tensor(index, dtype=torch.long)]
         elif self.tokenizer is not None:
@@ -365,7 +494,7 @@ class ConceptAwareBatchSampling(Algorithm):
                 "dataset a tokenizer, or ConceptAwareBatchSampling(tokenizer=...) to tokenize "
                 "only the kept captions"
             )
-        return {"images": images, "text": text, "keys": keys}
+        return {"images": out, "decoded": decoded, "text": text, "keys": keys}, replaced
 
     def _replace(
         self,
@@ -377,8 +506,11 @@ class ConceptAwareBatchSampling(Algorithm):
         rank: int,
         reserve: Callable[[], np.ndarray] | None,
         out: torch.Tensor | None,
-    ) -> None:
-        """Fill the failed slots of ``decoded``/``index`` in place, or raise (see the class)."""
+    ) -> list[tuple[int, int, str, str, str]]:
+        """Fill the failed slots of ``decoded``/``index`` in place, or raise (see the class).
+
+        Returns ``(step, rank, failed key, stand-in key, cause)`` per replaced slot.
+        """
         first = decoded[failed[0]]
         if self.on_decode_error == "raise" or reserve is None:
             raise ImageDecodeError(
@@ -386,6 +518,7 @@ class ConceptAwareBatchSampling(Algorithm):
                 f"{first.cause} (training step {step}, rank {rank}; with decode.on_error="
                 "replace the rank's next unkept sample would be trained on instead)",
             )
+        replaced = []
         candidates = iter(reserve().tolist())
         for slot in failed:
             bad_key = batch["keys"][index[slot]]
@@ -404,14 +537,10 @@ class ConceptAwareBatchSampling(Algorithm):
                     f"{decoded[slot].cause}; and no unkept sample of rank {rank} at step {step} "
                     "decodes to replace it",
                 )
-            log.warning(
-                "step %d, rank %d: the image of kept sample %r cannot be decoded (%s); training "
-                "on %r instead (decode.on_error=replace)",
-                step, rank, bad_key, decoded[slot].cause, key,
-            )
-            self.replacements.append((step, rank, bad_key, key))
+            replaced.append((step, rank, bad_key, key, str(decoded[slot].cause)))
             index[slot] = candidate
             decoded[slot] = result
+        return replaced
 
     def _append_log(
         self, step: int, kept_keys: Sequence[str], replaced: Sequence[tuple[str, str]]

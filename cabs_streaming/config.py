@@ -101,6 +101,9 @@ class DecodeConfig:
     on_error: str = "raise"
     """A kept image that cannot be decoded: ``raise`` (stop, naming the sample) or ``replace``
     (train on the rank's next unkept sample in the policy's order instead, counted in the logs)."""
+    lookahead: bool = True
+    """Select step ``t + 1`` and decode its kept images in the background while the model trains
+    on step ``t`` (the batches are the same either way); false decodes each step when it is due."""
 
 
 @dataclass

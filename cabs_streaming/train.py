@@ -20,12 +20,16 @@ from composer import DataSpec, Trainer
 from composer.loggers import FileLogger, TensorboardLogger, WandBLogger
 from composer.optim import CosineAnnealingWithWarmupScheduler
 from composer.utils import dist, reproducibility
-from torch.utils.data import DataLoader
 
 from cabs_streaming.algorithm import ConceptAwareBatchSampling, keep_per_rank
 from cabs_streaming.callbacks import ConceptDiversityMonitor
 from cabs_streaming.config import ConfigError, RunConfig, load_config
-from cabs_streaming.dataset import ConceptCollator, ConceptStreamingDataset, num_samples_in_batch
+from cabs_streaming.dataset import (
+    ConceptCollator,
+    ConceptStreamingDataset,
+    LookaheadDataLoader,
+    num_samples_in_batch,
+)
 from cabs_streaming.storage import StorageError, check_s3_locations, tune_checkpoint_uploads
 
 __all__ = [
@@ -143,7 +147,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     model = ComposerCLIP(cfg.model.name, loss=cfg.model.loss, **cfg.model.options)
 
     dataset = ConceptStreamingDataset(**_dataset_kwargs(cfg, n))
-    loader = DataLoader(
+    loader = LookaheadDataLoader(
         dataset,
         batch_size=n,
         collate_fn=ConceptCollator(),
@@ -171,6 +175,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         selection_log=cfg.selection.selection_log,
         num_concepts=len(dataset.vocabulary),
         on_decode_error=cfg.decode.on_error,
+        lookahead=cfg.decode.lookahead,
     )
 
     evaluators = build_evaluators(model, cfg.eval_data)

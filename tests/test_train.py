@@ -172,6 +172,35 @@ def test_iid_at_filter_ratio_zero_equals_training_without_the_algorithm(tmp_path
     assert recorder.losses == plain_recorder.losses
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lookahead_trains_on_exactly_the_batches_of_decoding_when_due(tmp_path, workers):
+    """Step t + 1 selected and decoded in the background during step t: the same run."""
+    runs = {}
+    for lookahead in (True, False):
+        folder = tmp_path / f"lookahead-{lookahead}"
+        cfg = load_config(
+            QUICKSTART,
+            overrides(
+                folder, "max_duration=4ba", "eval_data.zeroshot=null", "eval_data.retrieval=null",
+                f"train_data.num_workers={workers}", "save_folder=null",
+                f"decode.lookahead={str(lookahead).lower()}",
+            ),
+        )
+        trainer = build_trainer(cfg)
+        recorder = LossRecorder()
+        trainer.state.callbacks.append(recorder)
+        trainer.fit()
+        (cabs,) = trainer.state.algorithms
+        weights = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+        log = (folder / "selection.jsonl").read_text()
+        runs[lookahead] = (cabs.looked_ahead, recorder.losses, log, weights)
+        trainer.close()
+    assert runs[True][0] == 3 and runs[False][0] == 0  # every step after the first
+    assert runs[True][1] == runs[False][1] and len(runs[True][1]) == 4
+    assert runs[True][2] == runs[False][2]
+    assert all(torch.equal(runs[True][3][k], runs[False][3][k]) for k in runs[False][3])
+
+
 def run_train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), str(QUICKSTART), *args],
