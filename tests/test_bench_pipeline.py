@@ -3,7 +3,7 @@
 Throughput numbers are noise at this size; what is deterministic, and asserted, is the shape of
 the JSON line, positive rates, and the work each configuration did per trained sample: ``iid``
 and ``deferred`` decode and tokenize exactly the trained samples, ``eager`` the whole superbatch
-(5x at f = 0.8).
+(5x at f = 0.8), ``lookahead`` the trained ones plus at most the step after the window.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ BENCH = ROOT / "tools" / "bench_pipeline.py"
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data = tmp_path_factory.mktemp("bench_pipeline") / "mds"
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--smoke", "--data", str(data)],
+        [
+            sys.executable, str(BENCH), "--smoke", "--data", str(data),
+            "--configs", "iid,deferred,eager,lookahead", "--model-step-ms", "5",
+        ],
         capture_output=True, text=True, timeout=180, cwd=ROOT, check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -35,13 +38,14 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_promised_keys_are_positive(smoke: dict) -> None:
     for key in (
         "iid_samples_per_s", "deferred_samples_per_s", "eager_samples_per_s",
-        "deferred_ratio", "eager_ratio", "peak_rss_mb",
+        "deferred_ratio", "eager_ratio", "peak_rss_mb", "lookahead_samples_per_s",
+        "lookahead_ratio",
     ):
         assert isinstance(smoke[key], float) and smoke[key] > 0, (key, smoke[key])
     assert smoke["deferred_ratio"] == pytest.approx(
         smoke["deferred_samples_per_s"] / smoke["iid_samples_per_s"], rel=1e-2
     )
-    for config in ("iid", "deferred", "eager"):
+    for config in ("iid", "deferred", "eager", "lookahead"):
         spread = smoke["configs"][config]["samples_per_s"]
         assert 0 < spread["min"] <= spread["median"] <= spread["max"]
 
@@ -54,6 +58,9 @@ def test_decode_and_tokenize_counts(smoke: dict) -> None:
     assert configs["iid"]["tokenized_per_trained"] == 1.0
     assert configs["deferred"]["tokenized_per_trained"] == 1.0
     assert configs["eager"]["tokenized_per_trained"] == 5.0
+    # The background decoding of the step after the timed window may land in the counts.
+    assert 1.0 <= configs["lookahead"]["decoded_per_trained"] <= 1.5
+    assert 1.0 <= configs["lookahead"]["tokenized_per_trained"] <= 1.5
 
 
 def test_settings_describe_the_run(smoke: dict) -> None:
@@ -61,6 +68,7 @@ def test_settings_describe_the_run(smoke: dict) -> None:
     assert settings["kept_batch"] == 8 and settings["superbatch"] == 40
     assert settings["filter_ratio"] == 0.8 and settings["image_size"] == [224, 224]
     assert settings["workers"] == 2 and settings["rounds"] == 1
+    assert settings["model_step_ms"] == 5.0
     data = settings["data"]
     assert data["samples"] == 240 and data["distinct_images"] == 240
     assert 30 <= data["image_kb"]["mean"] <= 60

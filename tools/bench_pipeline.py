@@ -52,7 +52,16 @@ generator's processes when the data was generated in this run). ``--pss-interval
 proportional set sizes (shared pages split between processes); it is off by default because
 reading them slows the timed code (see ``MemorySampler``).
 
-No model step runs, and by default the main process does not read the delivered images (a
+``lookahead`` (optional, ``--configs iid,deferred,eager,lookahead``) is ``deferred`` with the
+algorithm's ``lookahead`` on, as training runs it: step ``t + 1`` is selected right after step
+``t``'s batch is handed over and its kept images are decoded on a background thread while step
+``t`` "trains". Without a model step there is nothing to overlap with, so compare it with
+``--model-step-ms X``: the main process then sleeps X ms after every delivered batch, standing
+in for a GPU step during which the CPU is free (every configuration pays it).
+``decoded_per_trained`` of ``lookahead`` can exceed 1 by up to 1/steps: the step after the timed
+window may be decoded before the counters are read.
+
+By default no model step runs, and the main process does not read the delivered images (a
 training step would copy them to the device in every configuration); ``--consume`` reads each
 delivered image tensor once, as that copy would, for a more end-to-end comparison.
 
@@ -92,10 +101,16 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader, get_worker_info
 
 from cabs_streaming.concepts import MDS_COLUMNS, Vocabulary, encode_concepts
-from cabs_streaming.dataset import CaptionTokenizer, ConceptCollator, ConceptStreamingDataset
+from cabs_streaming.dataset import (
+    CaptionTokenizer,
+    ConceptCollator,
+    ConceptStreamingDataset,
+    LookaheadDataLoader,
+)
 from cabs_streaming.decode import ImageDecoder
 
-CONFIGS = ("iid", "deferred", "eager")
+CONFIGS = ("iid", "deferred", "eager", "lookahead")
+DEFAULT_CONFIGS = ("iid", "deferred", "eager")
 
 #: Photographs inside the scikit-image wheel (colour ones; no download needed).
 SKIMAGE_PHOTOS = (
@@ -618,7 +633,19 @@ class Bench:
             tokenizer=self.main_tokenizer,
             verify_consensus=True,  # as training; a no-op with one process
             num_concepts=num_concepts,
+            lookahead=False,
         )
+        self.algorithm_ahead = ConceptAwareBatchSampling(
+            decoder=self.main_decoder,
+            filter_ratio=args.filter_ratio,
+            policy=self.diversity,
+            seed=args.seed,
+            tokenizer=self.main_tokenizer,
+            verify_consensus=True,
+            num_concepts=num_concepts,
+            lookahead=True,
+        )
+        self.current_loader: DataLoader | None = None
         self.select_seconds = 0.0
         self.image_size = self.main_decoder.output_size
         self.context_length = self.main_tokenizer.context_length
@@ -645,9 +672,13 @@ class Bench:
         )
 
     def loader(self, dataset: Any, batch_size: int, collate: Callable) -> DataLoader:
-        """The DataLoader every configuration uses, only the batch size and collate differ."""
+        """The DataLoader every configuration uses, only the batch size and collate differ.
+
+        (A ``LookaheadDataLoader`` is a ``DataLoader`` that can show its next batch early; only
+        the ``lookahead`` configuration looks.)
+        """
         workers = self.args.workers
-        return DataLoader(
+        return LookaheadDataLoader(
             dataset,
             batch_size=batch_size,
             collate_fn=collate,
@@ -681,9 +712,18 @@ class Bench:
         self.select_seconds += metrics.get(f"{self.algorithm.log_prefix}wall_ms", 0.0) / 1e3
 
     def _deferred(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
-        state = SimpleNamespace(batch=batch, timestamp=SimpleNamespace(batch=step), device=None)
+        return self._apply(self.algorithm, batch, step)
+
+    def _lookahead(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        return self._apply(self.algorithm_ahead, batch, step)
+
+    def _apply(self, algorithm: Any, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        state = SimpleNamespace(
+            batch=batch, timestamp=SimpleNamespace(batch=step), device=None,
+            dataloader=self.current_loader,
+        )
         logger = SimpleNamespace(log_metrics=self._log_metrics)
-        self.algorithm.apply(self.event, state, logger)  # type: ignore[arg-type]
+        algorithm.apply(self.event, state, logger)
         return state.batch
 
     def setup(self, config: str) -> tuple[int, Callable, Callable[[dict, int], dict]]:
@@ -699,6 +739,8 @@ class Bench:
             )
         if config == "deferred":
             return self.n, ConceptCollator(), self._deferred
+        if config == "lookahead":
+            return self.n, ConceptCollator(), self._lookahead
         raise ValueError(config)
 
     def run(self, config: str, round_index: int) -> dict[str, Any]:
@@ -713,11 +755,14 @@ class Bench:
                 f"dataset holds {dataset.size} samples; raise --samples"
             )
         loader = self.loader(dataset, batch_size, collate)
+        self.current_loader = loader
+        model_step_s = args.model_step_ms / 1e3
         self.main_decoder.reset()
         self.main_tokenizer.reset()
         iterator = iter(loader)
         for step in range(args.warmup):
             process(next(iterator), step)
+            time.sleep(model_step_s)
         self.main_decoder.reset()
         self.main_tokenizer.reset()
         self.select_seconds = 0.0
@@ -737,6 +782,7 @@ class Bench:
                 float(out["images"].sum())  # reads every pixel, like a host-to-device copy
             work += time.perf_counter() - t1
             wait += t1 - t0
+            time.sleep(model_step_s)  # a GPU step: the CPU is free meanwhile
             if out["images"].shape != (self.k, 3, *self.image_size) or len(out["keys"]) != self.k:
                 raise RuntimeError(f"{config}: unexpected kept batch {tuple(out['images'].shape)}")
             if out["text"].shape != (self.k, self.context_length):
@@ -750,6 +796,8 @@ class Bench:
             del batch, out
         elapsed = time.perf_counter() - started
         cpu_ended = tree_cpu_seconds()
+        self.algorithm_ahead.drop_lookahead()  # the step after the window: never delivered
+        self.current_loader = None
         cpu_main, cpu_workers = (b - a for a, b in zip(cpu_started, cpu_ended, strict=True))
         decoded += self.main_decoder.decoded
         tokenized += self.main_tokenizer.tokenized
@@ -764,7 +812,7 @@ class Bench:
             "cpu_busy_share": (cpu_main + cpu_workers) / (elapsed * CPUS),
             "cpu_ms_per_step": {"main": cpu_main * per_step, "workers": cpu_workers * per_step},
         }
-        if config == "deferred":
+        if config in ("deferred", "lookahead"):
             parts = {
                 "select": self.select_seconds,
                 "decode_pixels": self.main_decoder.seconds["decode_pixels"],
@@ -814,7 +862,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="subset, comma-separated")
+    parser.add_argument(
+        "--configs", default=",".join(DEFAULT_CONFIGS),
+        help=f"comma-separated, of {','.join(CONFIGS)}",
+    )
+    parser.add_argument(
+        "--model-step-ms", type=float, default=0.0,
+        help="sleep this long after each delivered batch: a stand-in GPU step (CPU free)",
+    )
     parser.add_argument("--gen-processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--memory-interval", type=float, default=0.1, help="RSS sampling, s")
     parser.add_argument(
@@ -941,13 +996,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "iid_samples_per_s": round(medians["iid"], 1) if "iid" in medians else None,
         "deferred_samples_per_s": round(medians["deferred"], 1) if "deferred" in medians else None,
         "eager_samples_per_s": round(medians["eager"], 1) if "eager" in medians else None,
+        "lookahead_samples_per_s": (
+            round(medians["lookahead"], 1) if "lookahead" in medians else None
+        ),
         "deferred_ratio": ratio("deferred"),
         "eager_ratio": ratio("eager"),
+        "lookahead_ratio": ratio("lookahead"),
         "peak_rss_mb": round(max(memory.peak_rss.values(), default=0) / 2**20, 1),
         "deferred_ratio_per_round": per_round_ratios("deferred"),
         "eager_ratio_per_round": per_round_ratios("eager"),
         "deferred_ratio_paired_median": paired_median("deferred"),
         "eager_ratio_paired_median": paired_median("eager"),
+        "lookahead_ratio_paired_median": paired_median("lookahead"),
         "configs": per_config,
         "memory": {
             "peak_rss_mb": "max over samples of the summed RSS of main + DataLoader workers "
@@ -968,7 +1028,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "superbatch": bench.n,
             "filter_ratio": args.filter_ratio,
             "iid_filter_ratio": 0.0,
-            "policies": {"iid": "iid", "deferred": "diversity", "eager": "diversity"},
+            "policies": {
+                "iid": "iid", "deferred": "diversity", "eager": "diversity",
+                "lookahead": "diversity",
+            },
+            "model_step_ms": args.model_step_ms,
             "workers": args.workers,
             "prefetch_factor": args.prefetch,
             "worker_decode_threads": 1,
