@@ -4,7 +4,10 @@ At ``Event.AFTER_DATALOADER`` the superbatch from ``ConceptCollator`` is on ever
 module all-gathers the ragged concept ids (sizes first, then a padded payload; gloo and NCCL),
 runs the configured selection policy (a pure function of the global ids, the seed and the step,
 ``cabs_streaming.selection``), keeps this rank's share, decodes and augments ONLY the kept images
-and replaces ``state.batch`` with the kept batch ``{"images", "text", "keys"}``.
+and replaces ``state.batch`` with the kept batch ``{"images", "text", "keys"}``. With
+``lookahead`` and a ``LookaheadDataLoader`` the work for step ``t + 1`` is started during step
+``t`` (selection on the main thread, decoding on a background thread), so decoding overlaps
+the model step as it does in plain training's loader workers; the batches are the same.
 
 Composer counted the batch's samples before this event fired (ARCHITECTURE decision 3), so the
 sample counter and the dataset's resume position stay those of the superbatch that was drawn,
