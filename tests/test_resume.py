@@ -33,12 +33,14 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("mid_epoch", 10, ("save_interval=4ba",), ("save_interval=4ba",)),
         # The only checkpoint is the one taken exactly at the end of epoch 0 (batch 18).
         ("epoch_boundary", 20, ("save_interval=1ep",), ("save_interval=1ep",)),
-        # Resumed with a different number of DataLoader workers.
+        # Resumed with a different number of DataLoader workers, and decoding each step when
+        # it is due instead of one step ahead (decode.lookahead, on in every other run): the
+        # two-rank check that the lookahead changes no batch.
         (
-            "other_workers",
+            "other_workers_no_lookahead",
             10,
             ("save_interval=4ba", "train_data.num_workers=1"),
-            ("save_interval=4ba", "train_data.num_workers=2"),
+            ("save_interval=4ba", "train_data.num_workers=2", "decode.lookahead=false"),
         ),
     ],
 )
