@@ -62,6 +62,14 @@ DECODE_ERROR_MODES = ("raise", "replace")
 #: Keys ``ConceptCollator`` produces that selection needs.
 REQUIRED_KEYS = ("keys", "image_bytes", "concept_offsets", "concept_ids")
 
+#: A replaced image: ``(step, rank, failed key, stand-in key, why the failed one did not decode)``.
+_Replacement = tuple[int, int, str, str, str]
+
+
+def _is_superbatch(batch: Any) -> bool:
+    """Whether ``batch`` is a ``ConceptCollator`` superbatch (has what selection needs)."""
+    return isinstance(batch, Mapping) and all(key in batch for key in REQUIRED_KEYS)
+
 
 def keep_per_rank(superbatch: int, filter_ratio: float) -> int:
     """Samples kept per rank, ``superbatch * (1 - filter_ratio)``; it must be a whole number.
@@ -178,7 +186,7 @@ class _Prepared:
     step: int
     keys: list[str]  # the superbatch's keys: what it was built from
     record: SelectionRecord
-    done: tuple[dict[str, Any], list[tuple[int, int, str, str, str]]] | None = None
+    done: tuple[dict[str, Any], list[_Replacement]] | None = None
     future: Future | None = None
 
     def is_for(self, step: int, keys: Sequence[str]) -> bool:
@@ -189,7 +197,7 @@ class _Prepared:
         """
         return self.step == step and self.keys == list(keys)
 
-    def collect(self) -> tuple[dict[str, Any], list[tuple[int, int, str, str, str]]]:
+    def collect(self) -> tuple[dict[str, Any], list[_Replacement]]:
         """The kept batch and its replacements; waits for the background work, re-raising."""
         if self.future is not None:
             return self.future.result()
@@ -352,7 +360,7 @@ class ConceptAwareBatchSampling(Algorithm):
             self.drop_lookahead()
             return
         batch = state.batch
-        if not isinstance(batch, Mapping) or any(key not in batch for key in REQUIRED_KEYS):
+        if not _is_superbatch(batch):
             found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise TypeError(
                 "ConceptAwareBatchSampling needs batches from cabs_streaming.dataset."
@@ -368,18 +376,7 @@ class ConceptAwareBatchSampling(Algorithm):
         elif prepared.future is not None:
             self.looked_ahead += 1
         kept, replaced = prepared.collect()
-        if kept["images"] is None:
-            kept["images"] = self.decoder.to_tensor(kept.pop("decoded"))
-        else:
-            kept.pop("decoded")
-        for failed_step, rank, bad_key, key, cause in replaced:
-            log.warning(
-                "step %d, rank %d: the image of kept sample %r cannot be decoded (%s); training "
-                "on %r instead (decode.on_error=replace)",
-                failed_step, rank, bad_key, cause, key,
-            )
-            self.replacements.append((failed_step, rank, bad_key, key))
-        state.batch = kept
+        state.batch = kept = self._settle(kept, replaced)
         self.last = prepared.record
         metrics = prepared.record.result.stats.as_dict(self.log_prefix)
         metrics[f"{self.log_prefix}decode_replaced"] = float(len(replaced))
@@ -414,7 +411,7 @@ class ConceptAwareBatchSampling(Algorithm):
                 self.num_concepts,
             )
 
-        def build() -> tuple[dict[str, Any], list[tuple[int, int, str, str, str]]]:
+        def build() -> tuple[dict[str, Any], list[_Replacement]]:
             return self._build(batch, result.for_rank(rank), step, rank, reserve)
 
         record = SelectionRecord(step, offsets, ids, result.kept, n, result)
@@ -428,7 +425,7 @@ class ConceptAwareBatchSampling(Algorithm):
         """Start step ``step`` from the loader's next batch, when every rank has one."""
         loader = getattr(state, "dataloader", None)
         upcoming = loader.peek() if isinstance(loader, LookaheadDataLoader) else None
-        usable = isinstance(upcoming, Mapping) and all(k in upcoming for k in REQUIRED_KEYS)
+        usable = _is_superbatch(upcoming)
         if dist.get_world_size() > 1:
             # Every rank must take part in the selection's collectives, or none.
             flag = torch.tensor([1 if usable else 0], dtype=torch.int32, device=device)
@@ -454,11 +451,24 @@ class ConceptAwareBatchSampling(Algorithm):
         this rank's unkept local indices in the policy's order, computed only when needed.
         Replacements are recorded in ``replacements``.
         """
-        out, replaced = self._build(batch, kept, step, rank, reserve)
+        return self._settle(*self._build(batch, kept, step, rank, reserve))
+
+    def _settle(self, out: dict[str, Any], replaced: list[_Replacement]) -> dict[str, Any]:
+        """Finish a batch from :meth:`_build` on the calling thread, when it is trained on.
+
+        Puts the images on the device where ``_build`` left that to the caller, and warns
+        about and records each replacement (never for work that is dropped).
+        """
         decoded = out.pop("decoded")
         if out["images"] is None:
             out["images"] = self.decoder.to_tensor(decoded)
-        self.replacements.extend(r[:4] for r in replaced)
+        for step, rank, bad_key, key, cause in replaced:
+            log.warning(
+                "step %d, rank %d: the image of kept sample %r cannot be decoded (%s); training "
+                "on %r instead (decode.on_error=replace)",
+                step, rank, bad_key, cause, key,
+            )
+            self.replacements.append((step, rank, bad_key, key))
         return out
 
     def _build(
@@ -468,7 +478,7 @@ class ConceptAwareBatchSampling(Algorithm):
         step: int,
         rank: int,
         reserve: Callable[[], np.ndarray] | None,
-    ) -> tuple[dict[str, Any], list[tuple[int, int, str, str, str]]]:
+    ) -> tuple[dict[str, Any], list[_Replacement]]:
         """Decode and tokenize the kept samples; thread-safe (it touches no shared state).
 
         Returns the batch, whose ``images`` is None on a GPU (``decoded`` then holds the
@@ -483,7 +493,7 @@ class ConceptAwareBatchSampling(Algorithm):
             errors="return", out=out,
         )
         failed = [slot for slot, d in enumerate(decoded) if isinstance(d, ImageDecodeError)]
-        replaced: list[tuple[int, int, str, str, str]] = []
+        replaced: list[_Replacement] = []
         if failed:
             replaced = self._replace(batch, index, decoded, failed, step, rank, reserve, out)
             keys = [batch["keys"][i] for i in index]
@@ -509,7 +519,7 @@ class ConceptAwareBatchSampling(Algorithm):
         rank: int,
         reserve: Callable[[], np.ndarray] | None,
         out: torch.Tensor | None,
-    ) -> list[tuple[int, int, str, str, str]]:
+    ) -> list[_Replacement]:
         """Fill the failed slots of ``decoded``/``index`` in place, or raise (see the class).
 
         Returns ``(step, rank, failed key, stand-in key, cause)`` per replaced slot.

@@ -114,7 +114,7 @@ def test_an_undecodable_kept_image_raises_naming_the_sample_by_default():
     assert cabs.replacements == []
 
 
-def test_replace_trains_on_the_first_decodable_stand_in_in_the_slot_of_the_failed_one():
+def test_replace_trains_on_the_first_decodable_stand_in_in_the_slot_of_the_failed_one(caplog):
     batch = superbatch([[0], [1], [2], [3]], broken=(1, 3))  # the first stand-in fails too
     cabs = algorithm(filter_ratio=0.5, policy="diversity", on_decode_error="replace")
     out = cabs.kept_batch(
@@ -122,6 +122,9 @@ def test_replace_trains_on_the_first_decodable_stand_in_in_the_slot_of_the_faile
     )
     assert out["keys"] == ["s0", "s2"]
     assert cabs.replacements == [(7, 0, "s1", "s2")]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("stand-in 's3' cannot be decoded either" in m for m in warned), warned
+    assert any("kept sample 's1' cannot be decoded" in m and "'s2' instead" in m for m in warned)
     # The stand-in takes the failed slot's augmentation seed (index 1), as a kept s2 in slot 1.
     expected = ImageDecoder(32, is_train=True, seed=3, num_threads=1)(
         [batch["image_bytes"][0], batch["image_bytes"][2]], ["s0", "s2"], step=7, rank=0
