@@ -625,25 +625,19 @@ class Bench:
         self.worker_tokenizer = CountingTokenizer(args.model)
         self.main_decoder = decoder(args.decode_threads)
         self.main_tokenizer = CountingTokenizer(args.model)
-        self.algorithm = ConceptAwareBatchSampling(
-            decoder=self.main_decoder,
-            filter_ratio=args.filter_ratio,
-            policy=self.diversity,
-            seed=args.seed,
-            tokenizer=self.main_tokenizer,
-            verify_consensus=True,  # as training; a no-op with one process
-            num_concepts=num_concepts,
-            lookahead=False,
-        )
-        self.algorithm_ahead = ConceptAwareBatchSampling(
-            decoder=self.main_decoder,
-            filter_ratio=args.filter_ratio,
-            policy=self.diversity,
-            seed=args.seed,
-            tokenizer=self.main_tokenizer,
-            verify_consensus=True,
-            num_concepts=num_concepts,
-            lookahead=True,
+        # ``deferred`` decodes each step when it is due, ``lookahead`` one step ahead.
+        self.algorithm, self.algorithm_ahead = (
+            ConceptAwareBatchSampling(
+                decoder=self.main_decoder,
+                filter_ratio=args.filter_ratio,
+                policy=self.diversity,
+                seed=args.seed,
+                tokenizer=self.main_tokenizer,
+                verify_consensus=True,  # as training; a no-op with one process
+                num_concepts=num_concepts,
+                lookahead=lookahead,
+            )
+            for lookahead in (False, True)
         )
         self.current_loader: DataLoader | None = None
         self.select_seconds = 0.0
