@@ -80,6 +80,31 @@ def with_outage(server: S3Server, folder: Path, down_s: float) -> threading.Thre
     return thread
 
 
+def train_through_outage(
+    server: S3Server,
+    folder: Path,
+    down_s: float,
+    join_s: float,
+    *extra: str,
+    cwd: Path | None = None,
+) -> tuple[int, str]:
+    """Train in the bucket, with the server down for ``down_s`` when the run asks.
+
+    The run asks after checkpoint ``OUTAGE_AFTER`` (``OutageAfter`` in ``tests/resume_run.py``);
+    the outage thread is given ``join_s`` to finish after the run ends.
+    """
+    outage = with_outage(server, folder, down_s)
+    status, output = train(
+        folder,
+        None,
+        *s3_run(folder, *extra),
+        cwd=cwd,
+        env={"CABS_TEST_OUTAGE": f"{OUTAGE_AFTER}:{folder / 'outage'}"},
+    )
+    outage.join(timeout=join_s)
+    return status, output
+
+
 def same_weights(a: Path, b: Path) -> bool:
     expected, actual = torch.load(a / "weights.pt"), torch.load(b / "weights.pt")
     return expected.keys() == actual.keys() and all(
@@ -152,14 +177,7 @@ def test_a_short_outage_costs_retries_not_the_run(
     server: S3Server, no_outage: Path, tmp_path: Path
 ) -> None:
     folder = tmp_path / "short_outage"
-    outage = with_outage(server, folder, down_s=5.0)
-    status, output = train(
-        folder,
-        None,
-        *s3_run(folder),
-        env={"CABS_TEST_OUTAGE": f"{OUTAGE_AFTER}:{folder / 'outage'}"},
-    )
-    outage.join(timeout=60)
+    status, output = train_through_outage(server, folder, 5.0, 60)
     assert (folder / "outage" / "up").exists(), "the outage never happened"
     assert status == 0, output
     uploaded = server.keys(BUCKET, f"checkpoints/{folder.name}/")
@@ -173,15 +191,9 @@ def test_an_outage_beyond_the_retries_stops_clearly_and_autoresume_completes(
     server: S3Server, no_outage: Path, tmp_path: Path
 ) -> None:
     folder = tmp_path / "long_outage"
-    outage = with_outage(server, folder, down_s=20.0)
-    status, output = train(
-        folder,
-        None,
-        *s3_run(folder, "save_upload_attempts=1"),
-        cwd=tmp_path / "node-a",
-        env={"CABS_TEST_OUTAGE": f"{OUTAGE_AFTER}:{folder / 'outage'}"},
+    status, output = train_through_outage(
+        server, folder, 20.0, 120, "save_upload_attempts=1", cwd=tmp_path / "node-a"
     )
-    outage.join(timeout=120)
     assert status != 0
     output = (folder / "launcher.log").read_text(errors="replace")
     assert (folder / "outage" / "up").exists()
