@@ -574,7 +574,7 @@ def _iter_webdataset(path: str, opts: _ReadOptions, with_images: bool) -> Iterat
     if run is not None and layout.is_sample(run):
         yield _webdataset_record(index, run, opts)
         index += 1
-    problems = [layout.problem()] if layout.problem() else []
+    problems = [problem for problem in (layout.problem(),) if problem]
     if damage is not None:
         problems.append(
             f"{damage}; {index} samples were read from it and judged as usual (the one at the "
@@ -772,11 +772,12 @@ def _is_text_type(kind: Any) -> bool:
 def _is_image_type(kind: Any) -> bool:
     import pyarrow as pa
 
-    if pa.types.is_struct(kind):
+    if pa.types.is_struct(kind):  # Hugging Face datasets' Image feature
         fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
-        return bool(fields.keys() & {"bytes", "path"}) and all(
-            _is_text_type(fields[name]) for name in fields.keys() & {"bytes", "path"}
-        )
+        data, path = fields.get("bytes"), fields.get("path")
+        return (data is not None or path is not None) and (
+            data is None or _pa_is_binary(data) or pa.types.is_null(data)
+        ) and (path is None or _is_text_type(path))
     return _is_text_type(kind) or pa.types.is_fixed_size_binary(kind)
 
 
@@ -1545,8 +1546,10 @@ def _check_output(out: str, overwrite: bool, files: Sequence[str]) -> bool:
     writes there between this check and the conversion.
     """
     if _is_remote(out):
-        existing = [
-            key for key in _uploader(out).list_objects() or [] if f"/{_LOCK_FOLDER}/" not in key
+        existing = [  # our own lock object is not content
+            key
+            for key in _uploader(out).list_objects() or []
+            if f"/{_LOCK_FOLDER}/" not in f"/{key}"
         ]
         if existing and not overwrite:
             raise ConversionError(

@@ -661,7 +661,31 @@ def test_help_shows_every_option_with_a_description_and_its_default() -> None:
         assert f"{code:>3}  {meaning[:30]}" in help_text
 
 
+@pytest.mark.parametrize("flag", ["--max-member-bytes", "--max-caption-bytes",
+                                  "--max-image-pixels"])
+def test_a_limit_that_is_not_positive_is_an_argument_error(
+    tmp_path: Path, jpegs: list[bytes], capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    tar = _small_tar(tmp_path, jpegs)
+    assert main(cli("--input", str(tar), "--out", str(tmp_path / "out"), flag, "0")) == 2
+    assert f"{flag} must be a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_skip_reason_is_in_the_report_in_order(tmp_path: Path, jpegs: list[bytes]) -> None:
     report = run([_small_tar(tmp_path, jpegs)], "webdataset", tmp_path / "out")
     assert list(report["skipped"]) == list(SKIP_REASONS)
     assert {"missing concepts", "over a size limit"} <= set(SKIP_REASONS)
+
+
+@pytest.mark.slow
+def test_a_conversion_into_a_bucket_root_is_not_refused_for_its_own_lock(
+    s3: Any, tmp_path: Path, jpegs: list[bytes]
+) -> None:
+    s3.make_bucket("whole-bucket")
+    report = convert([str(_small_tar(tmp_path, jpegs))], "webdataset", "s3://whole-bucket",
+                     progress=False)
+    assert report["written"] == 3
+    assert "index.json" in s3.keys("whole-bucket") and not any(
+        key.startswith(".convert-lock/") for key in s3.keys("whole-bucket")
+    )
