@@ -42,8 +42,8 @@ the same shards. ``workers == 1`` writes the shards directly into the output dir
 **Damaged input is counted, not fatal.** A tar that ends early (cut mid-member, or without its
 end-of-archive blocks) or a parquet file that stops reading keeps every sample read before the
 damage. The sample being read at the cut is judged on the members that arrived whole, so it
-usually becomes a ``missing image`` or ``malformed json`` skip. The file and the error are listed
-under ``errors`` in the report (the CLI then exits with status 1), and ``read == written +
+usually becomes a ``missing image`` or ``missing concepts`` skip. The file and the error are listed
+under ``errors`` in the report (the CLI then exits with status 3), and ``read == written +
 sum(skipped)`` holds as always.
 
 **WebDataset layout.** A sample is a run of adjacent members sharing a key; its caption comes
