@@ -589,12 +589,13 @@ def _webdataset_record(index: int, run: _TarSample, opts: _ReadOptions) -> _Reco
     parts = run.parts
     base_key = run.prefix.rpartition("/")[2]
     rec = _Record(index=index, label=base_key, key=base_key, image=parts.get("image"))
+    over = f", over --max-member-bytes {opts.limits.max_member_bytes:,}"
     if "image" in run.oversize:
-        rec.image_problem = f"{run.oversize['image']}, over --max-member-bytes"
+        rec.image_problem = run.oversize["image"] + over
         rec.image_reason = "over a size limit"
     elif rec.image is None:
         rec.image_problem = f"no .{'/.'.join(IMAGE_EXTENSIONS)} member"
-    too_large = [f"{v}, over --max-member-bytes" for k, v in run.oversize.items() if k != "image"]
+    too_large = [v + over for k, v in run.oversize.items() if k != "image"]
     if too_large:
         rec.skip = ("over a size limit", too_large[0])
         return rec
