@@ -51,7 +51,7 @@ from the json's ``caption`` or else from a ``.txt`` (or ``.caption``) member, so
 ``.jpg`` + ``.txt`` tars convert with ``--tag-captions``. The same member extension twice in a
 run starts a new sample with the same key (a ``duplicate key`` skip, counted). Members of a key
 seen earlier in the tar but not adjacent to it, with none of its extensions, are a fragment of
-that sample, not a sample: they are not read and the file is listed under ``errors``.
+that sample, not a sample: they are ignored and the file is listed under ``errors``.
 
 **Text.** Invalid UTF-8 in captions, json members or manifest lines is decoded with U+FFFD
 replacement, the sample is kept, and the written samples affected are counted under
@@ -534,7 +534,7 @@ class _TarLayout:
         return (
             f"{self.fragments} run(s) of members belong to a sample seen earlier in the tar but "
             f"not next to it (e.g. {', '.join(map(repr, self.fragment_keys))}); WebDataset keeps "
-            "a sample's members together, so those members were not read (the sample counts "
+            "a sample's members together, so those members were ignored (the sample counts "
             "once, judged on its first run). Re-create the tar with each sample's members adjacent"
         )
 
