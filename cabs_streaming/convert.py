@@ -42,19 +42,30 @@ the same shards. ``workers == 1`` writes the shards directly into the output dir
 **Damaged input is counted, not fatal.** A tar that ends early (cut mid-member, or without its
 end-of-archive blocks) or a parquet file that stops reading keeps every sample read before the
 damage. The sample being read at the cut is judged on the members that arrived whole, so it
-usually becomes a ``missing image`` or ``malformed json`` skip. The file and the error are listed
-under ``errors`` in the report (the CLI then exits with status 1), and ``read == written +
+usually becomes a ``missing image`` or ``missing concepts`` skip. The file and the error are listed
+under ``errors`` in the report (the CLI then exits with status 3), and ``read == written +
 sum(skipped)`` holds as always.
+
+**WebDataset layout.** A sample is a run of adjacent members sharing a key; its caption comes
+from the json's ``caption`` or else from a ``.txt`` (or ``.caption``) member, so img2dataset's
+``.jpg`` + ``.txt`` tars convert with ``--tag-captions``. The same member extension twice in a
+run starts a new sample with the same key (a ``duplicate key`` skip, counted). Members of a key
+seen earlier in the tar but not adjacent to it, with none of its extensions, are a fragment of
+that sample, not a sample: they are ignored and the file is listed under ``errors``.
 
 **Text.** Invalid UTF-8 in captions, json members or manifest lines is decoded with U+FFFD
 replacement, the sample is kept, and the written samples affected are counted under
-``repaired["invalid utf-8"]``. A caption that is empty or only whitespace is a ``missing
-caption``.
+``repaired["invalid utf-8"]``. A caption that is empty or holds only whitespace and control
+characters is a ``missing caption``; a json caption that is not a string is ``malformed json``.
 
 **Concept annotations.** An empty concept list is kept. A *missing* annotation is not an empty
-one: a json without the field chosen by ``concepts_from`` (``classes`` or ``tags``) is
-``malformed json``. In parquet a null concepts cell is read as an empty list, since Arrow writers
-commonly store empty lists that way. A concept name not in a given vocabulary, an empty name, a
+one: a sample without the field chosen by ``concepts_from`` (``classes`` or ``tags`` of the json,
+or a ``.cls`` member), or without a json at all, is ``missing concepts``, and the report says to
+take them from the captions (``--tag-captions``) or a tagger (``--tagger``). In parquet a null
+concepts cell is read as an empty list, since Arrow writers commonly store empty lists that way;
+the column's Arrow type is checked once per file (lists of names or integer ids, or one integer
+id per row). Detection ``scores`` must be finite numbers in ``[0, 1]`` (else ``malformed json``).
+A concept name not in a given vocabulary, an empty name, a
 null entry or an id outside ``[0, len(vocabulary))`` is an ``unknown concept``. Names are matched
 onto a given vocabulary as written, then in normal form (case, plural, whitespace, punctuation;
 :class:`cabs_streaming.tagging.ConceptNameMapper`), so a detector's "Dogs" or "hot_dog" finds
@@ -67,6 +78,21 @@ caption) for names, e.g. an image tagger or detector on their own hardware. It m
 so it runs once per sample, in the scan, which then reads images; the names are kept in a
 temporary file per input file and read back by the write pass. Either replaces the input's own
 concepts, so neither can be combined with ``--concepts-from`` / ``--concepts-column``.
+
+**Hostile input.** Nothing is extracted or executed, and sizes are bounded (:class:`Limits`, with
+defaults real data never reaches): a tar member, manifest line, parquet image cell or image file
+larger than ``max_member_bytes`` is never read whole, a caption over ``max_caption_bytes`` and an
+image over ``max_image_pixels`` (checked from its header, before decoding) are skipped as ``over a
+size limit`` naming the limit. A json nested too deeply is ``malformed json``. Image paths in a
+manifest or a parquet file must resolve (after ``..`` and symbolic links) inside that file's
+folder or a folder given as ``image_roots``, and name a regular file: never a device, a FIFO or a
+file elsewhere on the machine.
+
+**One conversion per output.** ``--out`` is locked for the whole conversion: a local folder with
+``flock`` on the folder itself (released by the kernel if the process dies), an ``s3://`` prefix
+with a lock object under ``.convert-lock/`` that is removed at the end (a crashed conversion
+leaves it behind: ``break_lock`` removes it). A second conversion into the same output stops at
+once with :class:`OutputBusy` instead of interleaving its shards with the first one's.
 """
 
 from __future__ import annotations
@@ -74,6 +100,8 @@ from __future__ import annotations
 import argparse
 import bisect
 import bz2
+import contextlib
+import fcntl
 import glob
 import gzip
 import io
@@ -81,19 +109,24 @@ import itertools
 import json
 import logging
 import lzma
+import math
 import multiprocessing
 import os
 import shutil
+import socket
+import stat
 import sys
 import tarfile
 import tempfile
 import time
+import unicodedata
 import urllib.parse
+import uuid
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -120,7 +153,10 @@ __all__ = [
     "FORMATS",
     "REPORT_FILENAME",
     "SKIP_REASONS",
+    "EXIT_STATUSES",
     "ConversionError",
+    "Limits",
+    "OutputBusy",
     "build_parser",
     "convert",
     "image_problem",
@@ -128,7 +164,7 @@ __all__ = [
 ]
 
 FORMATS = ("webdataset", "parquet", "jsonl")
-CONCEPT_SOURCES = ("classes", "tags")
+CONCEPT_SOURCES = ("classes", "tags", "cls")
 
 #: Why a sample was not written; every reason always appears in ``report["skipped"]``.
 SKIP_REASONS = (
@@ -138,10 +174,30 @@ SKIP_REASONS = (
     "duplicate key",
     "malformed json",
     "missing image",
+    "missing concepts",
+    "over a size limit",
 )
 INVALID_UTF8 = "invalid utf-8"
 REPORT_FILENAME = "report.json"
+#: Per-concept counts of the written samples, aligned with ``vocabulary.json`` ids.
+COUNTS_FILENAME = "concept_counts.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+#: Tar members that can hold the caption, in order of preference after the json's ``caption``.
+TEXT_EXTENSIONS = ("txt", "caption")
+
+#: One skip reason taking more than this share of the input makes the CLI exit with status 4.
+SKIP_ALARM_SHARE = 0.5
+#: The command line's exit statuses (also in ``--help`` and the README).
+EXIT_STATUSES = {
+    0: "done",
+    1: "crashed with a traceback (a bug: please report it with the input that caused it)",
+    2: "stopped with an error message: bad arguments or input, nothing (more) written",
+    3: "done, but some input files were damaged (see the report's errors)",
+    4: "done, but no sample was written or one skip reason took over half of the input "
+    "(see the report's warnings; --accept-skips makes this 0)",
+    5: "--out is being written by another conversion (its lock is held)",
+    130: "interrupted (Ctrl-C); --out may hold a partial dataset",
+}
 
 _INPUT_SUFFIXES = {
     "webdataset": (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"),
@@ -158,8 +214,35 @@ class ConversionError(ValueError):
     """A problem with the arguments or the input that the user must fix; the message says how."""
 
 
+class OutputBusy(ConversionError):
+    """Another conversion holds ``--out``; the message says what holds it and what to do."""
+
+
 class _DamagedInput(Exception):
     """An input file stopped reading part-way; the samples read before stay valid."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes beyond which input is not read whole: far above real data, far below the machine.
+
+    A sample that crosses one is an ``over a size limit`` skip naming the limit and its flag.
+    """
+
+    #: A tar member, a manifest line, a parquet image cell or an image file (128 MiB).
+    max_member_bytes: int = 128 << 20
+    #: The UTF-8 bytes of a caption or recaption (1 MiB; tokenizers keep 77 tokens anyway).
+    max_caption_bytes: int = 1 << 20
+    #: Width x height of an image, read from its header: PIL's own decompression-bomb warning
+    #: level (about 9,459 x 9,459); training decodes each kept image, at 3 bytes a pixel or more.
+    max_image_pixels: int = 89_478_485
+
+    def __post_init__(self) -> None:
+        for name in ("max_member_bytes", "max_caption_bytes", "max_image_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConversionError(f"{flag} must be a positive integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +263,9 @@ class _Record:
     scores: list[float] | None = None
     image: bytes | None = None
     malformed: str | None = None  # why the record's json / metadata cannot be used
+    skip: tuple[str, str] | None = None  # another reason (and detail) found while reading
     image_problem: str = "no image"  # why ``image`` is None
+    image_reason: str = "missing image"  # the skip reason when ``image`` is None
     repaired: bool = False  # some text held invalid UTF-8, replaced with U+FFFD
 
 
@@ -197,6 +282,8 @@ class _ReadOptions:
     recaption_column: str | None = None
     tag_captions: str | None = None  # vocabulary file: concept ids come from the caption
     tagger: str | None = None  # "module:function": concept names come from the user's tagger
+    limits: Limits = field(default_factory=Limits)
+    image_roots: tuple[str, ...] = ()  # real paths image paths may point into, besides the file's
 
     @property
     def read_concepts(self) -> bool:
@@ -237,6 +324,8 @@ def _json_object(raw: bytes) -> tuple[dict[str, Any] | None, str | None, bool]:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         return None, f"json does not parse ({err})", repaired
+    except RecursionError:  # one hostile record must not end the conversion
+        return None, "json is nested too deeply to parse", repaired
     if not isinstance(obj, dict):
         return None, f"json is a {type(obj).__name__}, not an object", repaired
     return obj, None, repaired
@@ -285,7 +374,11 @@ def _json_tags(value: Any) -> tuple[list[Any] | None, str | None, bool]:
 
 
 def _json_scores(value: Any, n: int) -> tuple[list[float] | None, str | None]:
-    """Read optional per-instance confidences; when present they must align with concepts."""
+    """Read optional per-instance confidences; when present they must align with concepts.
+
+    A confidence is a finite number in [0, 1]: anything else (NaN, infinities, logits) would be
+    stored as a meaningless float16, so the record is refused rather than silently changed.
+    """
     if value is None:
         return None, None
     if not isinstance(value, list) or any(
@@ -294,7 +387,22 @@ def _json_scores(value: Any, n: int) -> tuple[list[float] | None, str | None]:
         return None, "'scores' must be a list of numbers"
     if len(value) != n:
         return None, f"'scores' has {len(value)} entries but there are {n} concepts"
+    bad = next((s for s in value if not (math.isfinite(s) and 0 <= s <= 1)), None)
+    if bad is not None:
+        return None, f"'scores' holds {bad!r}: scores are confidences, finite numbers in [0, 1]"
     return [float(s) for s in value], None
+
+
+def _is_blank(text: str) -> bool:
+    """Whether ``text`` holds nothing to read: only whitespace, control or format characters."""
+    if text.isprintable():
+        return not text.strip()
+    return all(unicodedata.category(ch)[0] in "CZ" for ch in text)
+
+
+def _utf8_size(text: str) -> int:
+    """UTF-8 bytes of ``text`` (errors replaced, as they are when written)."""
+    return len(text.encode("utf-8", errors="replace"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,20 +468,87 @@ def _split_member_name(name: str) -> tuple[str | None, str]:
 def _member_kind(ext: str) -> str | None:
     if ext in IMAGE_EXTENSIONS:
         return "image"
-    if ext in ("json", "txt"):
+    if ext in TEXT_EXTENSIONS:
+        return "text"
+    if ext in ("json", "cls"):
         return ext
     return None
+
+
+@dataclass
+class _TarSample:
+    """The members of one sample as they arrive: what was read, and what was too large to read."""
+
+    prefix: str
+    extensions: set[str] = field(default_factory=set)
+    parts: dict[str, bytes] = field(default_factory=dict)
+    oversize: dict[str, str] = field(default_factory=dict)  # kind -> "name is N bytes"
+
+    def continues(self, prefix: str, ext: str) -> bool:
+        """Whether a member belongs here: same key, and an extension this sample lacks."""
+        return prefix == self.prefix and ext not in self.extensions
+
+    def take(self, archive: tarfile.TarFile, member: tarfile.TarInfo, ext: str,
+             opts: _ReadOptions, with_images: bool) -> None:
+        """Read a member if it is wanted and within ``max_member_bytes``; never extract it."""
+        self.extensions.add(ext)
+        kind = _member_kind(ext)
+        if kind is None or kind in self.parts or kind in self.oversize:
+            return
+        if kind == "image" and not with_images:
+            return
+        if member.size > opts.limits.max_member_bytes:  # tarfile streams past it unread
+            self.oversize[kind] = f"member {member.name} is {member.size:,} bytes"
+            return
+        fileobj = archive.extractfile(member)
+        if fileobj is not None:
+            self.parts[kind] = fileobj.read()
+
+
+class _TarLayout:
+    """Which runs of members are samples; remembers each key's extensions within one tar.
+
+    A run whose key was seen earlier in the tar, not adjacent, and shares none of its extensions
+    is the rest of that earlier sample (a writer that did not keep members together), not a new
+    sample: it is counted here and reported instead of being read as a sample of its own.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[str, frozenset[str]] = {}
+        self.fragments = 0
+        self.fragment_keys: list[str] = []
+
+    def is_sample(self, run: _TarSample) -> bool:
+        before = self.seen.get(run.prefix)
+        if before is not None and before.isdisjoint(run.extensions):
+            self.fragments += 1
+            if len(self.fragment_keys) < 3:
+                self.fragment_keys.append(run.prefix)
+            return False
+        self.seen[run.prefix] = frozenset(run.extensions) | (before or frozenset())
+        return True
+
+    def problem(self) -> str | None:
+        if not self.fragments:
+            return None
+        return (
+            f"{self.fragments} run(s) of members belong to a sample seen earlier in the tar but "
+            f"not next to it (e.g. {', '.join(map(repr, self.fragment_keys))}); WebDataset keeps "
+            "a sample's members together, so those members were ignored (the sample counts "
+            "once, judged on its first run). Re-create the tar with each sample's members adjacent"
+        )
 
 
 def _iter_webdataset(path: str, opts: _ReadOptions, with_images: bool) -> Iterator[_Record]:
     """Yield the samples of one tar, read in memory in tarfile's streaming mode, never extracted.
 
-    Members of a sample are consecutive and share a key (WebDataset convention). Without
-    ``with_images`` image members are streamed past unread (the scan pass).
+    Members of a sample are consecutive and share a key (WebDataset convention; see the module
+    docs for repeated and scattered keys). Without ``with_images`` image members are streamed
+    past unread (the scan pass).
     """
     index = 0
-    prefix: str | None = None
-    parts: dict[str, bytes] = {}
+    run: _TarSample | None = None
+    layout = _TarLayout()
     damage: str | None = None
     with open(path, "rb") as raw:
         watcher = _TailWatcher(_open_decompressed(raw))
@@ -386,47 +561,51 @@ def _iter_webdataset(path: str, opts: _ReadOptions, with_images: bool) -> Iterat
                 member_prefix, ext = _split_member_name(member.name)
                 if member_prefix is None:
                     continue
-                if member_prefix != prefix:
-                    if prefix is not None:
-                        yield _webdataset_record(index, prefix, parts, opts)
+                if run is None or not run.continues(member_prefix, ext):
+                    if run is not None and layout.is_sample(run):
+                        yield _webdataset_record(index, run, opts)
                         index += 1
-                    prefix, parts = member_prefix, {}
-                kind = _member_kind(ext)
-                if kind is None or kind in parts or (kind == "image" and not with_images):
-                    continue
-                fileobj = archive.extractfile(member)
-                if fileobj is not None:
-                    parts[kind] = fileobj.read()
+                    run = _TarSample(member_prefix)
+                run.take(archive, member, ext, opts, with_images)
             if not watcher.ended_cleanly(archive.offset):
                 damage = "the archive stops without its end-of-archive blocks (truncated)"
         except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as err:
             damage = f"{type(err).__name__}: {err}"
-    if prefix is not None:
-        yield _webdataset_record(index, prefix, parts, opts)
+    if run is not None and layout.is_sample(run):
+        yield _webdataset_record(index, run, opts)
         index += 1
+    problems = [problem for problem in (layout.problem(),) if problem]
     if damage is not None:
-        raise _DamagedInput(
+        problems.append(
             f"{damage}; {index} samples were read from it and judged as usual (the one at the "
             "cut is usually skipped). Re-download or re-create this file to recover the rest"
         )
+    if problems:
+        raise _DamagedInput("; ".join(problems))
 
 
-def _webdataset_record(
-    index: int, prefix: str, parts: dict[str, bytes], opts: _ReadOptions
-) -> _Record:
+def _webdataset_record(index: int, run: _TarSample, opts: _ReadOptions) -> _Record:
     """Judge nothing, just gather: key, caption, concepts and image of one tar sample."""
-    base_key = prefix.rpartition("/")[2]
+    parts = run.parts
+    base_key = run.prefix.rpartition("/")[2]
     rec = _Record(index=index, label=base_key, key=base_key, image=parts.get("image"))
-    if rec.image is None:
+    over = f", over --max-member-bytes {opts.limits.max_member_bytes:,}"
+    if "image" in run.oversize:
+        rec.image_problem = run.oversize["image"] + over
+        rec.image_reason = "over a size limit"
+    elif rec.image is None:
         rec.image_problem = f"no .{'/.'.join(IMAGE_EXTENSIONS)} member"
-    raw_json = parts.get("json")
-    if raw_json is None:
-        rec.malformed = "no .json member"
+    too_large = [v + over for k, v in run.oversize.items() if k != "image"]
+    if too_large:
+        rec.skip = ("over a size limit", too_large[0])
         return rec
-    meta, problem, rec.repaired = _json_object(raw_json)
-    if meta is None:
-        rec.malformed = problem
-        return rec
+    meta: dict[str, Any] = {}
+    if "json" in parts:
+        parsed, problem, rec.repaired = _json_object(parts["json"])
+        if parsed is None:
+            rec.malformed = problem
+            return rec
+        meta = parsed
     if meta.get("uid") is not None:
         rec.key, problem = _json_key(meta["uid"], "uid")
         if problem:
@@ -441,64 +620,272 @@ def _webdataset_record(
         rec.malformed = problem or problem_re
         return rec
     rec.repaired |= fixed or fixed_re
-    if (caption is None or not caption.strip()) and "txt" in parts:
-        caption, fixed = _decode_text(parts["txt"])
+    if (caption is None or _is_blank(caption)) and "text" in parts:
+        caption, fixed = _decode_text(parts["text"])
         rec.repaired |= fixed
     rec.caption, rec.recaption = caption, recaption or ""
-    if not opts.read_concepts:
-        return rec
-    name = opts.concepts_from
+    if opts.read_concepts:
+        _webdataset_concepts(rec, meta, parts, opts.concepts_from)
+    return rec
+
+
+def _webdataset_concepts(
+    rec: _Record, meta: dict[str, Any], parts: dict[str, bytes], name: str
+) -> None:
+    """Fill in ``rec.concepts`` (and scores) from the json field or the ``.cls`` member."""
+    if name == "cls":
+        if "cls" not in parts:
+            rec.skip = ("missing concepts", f"no .cls member{_TAGGING_HINT}")
+            return
+        text, fixed = _decode_text(parts["cls"])
+        rec.repaired |= fixed
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        rec.concepts = [int(line) if line.isascii() and line.isdigit() else line for line in lines]
+        return
     if name not in meta:
         other = "tags" if name == "classes" else "classes"
-        hint = f" (it has {other!r}: use --concepts-from {other})" if other in meta else ""
-        rec.malformed = f"json has no {name!r} field{hint}"
-        return rec
+        if "json" not in parts:
+            where = "no .json member"
+        elif other in meta:
+            where = f"json has no {name!r} field (it has {other!r}: use --concepts-from {other})"
+        else:
+            where = f"json has no {name!r} field"
+        rec.skip = ("missing concepts", where + _TAGGING_HINT)
+        return
     if name == "tags":
         concepts, problem, fixed = _json_tags(meta[name])
     else:
         concepts, problem, fixed = _json_concepts(meta[name], name)
     if concepts is None:
         rec.malformed = problem
-        return rec
+        return
     rec.concepts = concepts
     rec.repaired |= fixed
     if name == "classes":  # scores are per detected box, so they only align with classes
         rec.scores, problem = _json_scores(meta.get("scores"), len(concepts))
         if problem:
             rec.malformed = problem
-    return rec
+
+
+#: Appended to a "missing concepts" detail: where concepts can come from instead.
+_TAGGING_HINT = (
+    "; to take concepts from the captions pass --tag-captions VOCABULARY (e.g. coco), or "
+    "--tagger MODULE:FUNCTION for your own tagger"
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Parquet
 # ---------------------------------------------------------------------------------------------
 
+#: Why an image is missing, and the skip reason it gives (``missing image`` unless a limit).
+_ImageRead = tuple[bytes | None, str, str]
 
-def _read_image_file(path: str, base: str) -> tuple[bytes | None, str]:
-    """Read an image file named relative to ``base``; (bytes or None, why None)."""
-    full = os.path.join(base, path)
+
+def _inside(path: str, root: str) -> bool:
+    """Whether the real path ``path`` lies in the real folder ``root``."""
+    return os.path.commonpath([root, path]) == root
+
+
+def _read_image_file(name: str, base: str, opts: _ReadOptions) -> _ImageRead:
+    """Read an image file named in a manifest or parquet file, confined and bounded.
+
+    ``name`` is relative to ``base`` (the naming file's folder) or absolute; after ``..`` and
+    symbolic links it must lie in ``base`` or one of ``opts.image_roots`` and be a regular file
+    of at most ``max_member_bytes``. Opened non-blocking, so a FIFO cannot hang the conversion.
+    """
+    full = os.path.join(base, name)
+    real = os.path.realpath(full)
+    allowed = (os.path.realpath(base or "."), *opts.image_roots)
+    if not any(_inside(real, root) for root in allowed):
+        return None, (
+            f"image path {name!r} resolves to {real}, outside {allowed[0]} (the folder of the "
+            "file naming it); pass --image-root FOLDER to allow another folder"
+        ), "missing image"
+    limit = opts.limits.max_member_bytes
     try:
-        with open(full, "rb") as f:
-            return f.read(), ""
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as err:
-        return None, f"cannot read image file {full} ({err.strerror or err})"
+        return None, f"cannot read image file {full} ({err.strerror or err})", "missing image"
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        return None, f"image path {full} is not a regular file", "missing image"
+    if info.st_size > limit:
+        os.close(fd)
+        return None, (
+            f"image file {full} is {info.st_size:,} bytes, over --max-member-bytes {limit:,}"
+        ), "over a size limit"
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(limit + 1)  # bounded even if the file grows meanwhile
+        except OSError as err:
+            return None, f"cannot read image file {full} ({err.strerror or err})", "missing image"
+    if len(data) > limit:
+        detail = f"image file {full} grew over --max-member-bytes {limit:,}"
+        return None, detail, "over a size limit"
+    return data, "", ""
 
 
-def _parquet_image(value: Any, base: str) -> tuple[bytes | None, str]:
+def _image_bytes(value: bytes | bytearray, what: str, limit: int) -> _ImageRead:
+    """Image bytes from a cell, refused when empty or over ``max_member_bytes``."""
+    if not value:
+        return None, f"{what} is empty", "missing image"
+    if len(value) > limit:
+        return None, (
+            f"{what} is {len(value):,} bytes, over --max-member-bytes {limit:,}"
+        ), "over a size limit"
+    return bytes(value), "", ""
+
+
+def _parquet_image(value: Any, base: str, opts: _ReadOptions) -> _ImageRead:
     """Read an image cell: bytes, an HF-datasets ``{bytes, path}`` struct, or a path string."""
+    limit = opts.limits.max_member_bytes
     if value is None:
-        return None, "image cell is null"
+        return None, "image cell is null", "missing image"
     if isinstance(value, dict):
         if value.get("bytes"):
-            return bytes(value["bytes"]), ""
+            return _image_bytes(value["bytes"], "image struct's bytes", limit)
         if value.get("path"):
-            return _read_image_file(str(value["path"]), base)
-        return None, "image struct has neither bytes nor path"
+            return _read_image_file(str(value["path"]), base, opts)
+        return None, "image struct has neither bytes nor path", "missing image"
     if isinstance(value, bytes | bytearray):
-        return (bytes(value), "") if value else (None, "image cell is empty")
+        return _image_bytes(value, "image cell", limit)
     if isinstance(value, str):
-        return _read_image_file(value, base)
-    return None, f"image cell holds a {type(value).__name__}"
+        return _read_image_file(value, base, opts)
+    return None, f"image cell holds a {type(value).__name__}", "missing image"
+
+
+def _is_text_type(kind: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        return _is_text_type(kind.value_type)
+    return (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_null(kind)
+    )
+
+
+def _is_image_type(kind: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind):  # Hugging Face datasets' Image feature
+        fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
+        data, path = fields.get("bytes"), fields.get("path")
+        return (data is not None or path is not None) and (
+            data is None or _pa_is_binary(data) or pa.types.is_null(data)
+        ) and (path is None or _is_text_type(path))
+    return _is_text_type(kind) or pa.types.is_fixed_size_binary(kind)
+
+
+def _concepts_kind(kind: Any) -> str | None:
+    """``"list"`` (names or ids per row), ``"scalar"`` (one id per row) or None (refused)."""
+    import pyarrow as pa
+
+    if pa.types.is_null(kind):
+        return "list"  # every cell null: no concepts anywhere
+    if pa.types.is_integer(kind):
+        return "scalar"
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        value = kind.value_type
+        if pa.types.is_integer(value) or _is_text_type(value):
+            return "list"
+    return None
+
+
+#: What ``--concepts-column`` accepts, for the error message.
+_CONCEPT_TYPES = (
+    "a list of names or integer ids per row (list<string>, list<int64>, large_list, ...; a null "
+    "cell is an empty list) or one integer id per row (int64, ...)"
+)
+
+
+@dataclass(frozen=True)
+class _ParquetColumns:
+    """The columns to read from one parquet file, checked once against its schema."""
+
+    key: str | None
+    caption: str
+    recaption: str | None
+    concepts: str | None
+    scalar_concepts: bool  # one integer id per row instead of a list
+    image: str
+    image_paths: bool  # the image column holds path strings
+
+
+def _parquet_columns(path: str, schema: Any, opts: _ReadOptions) -> _ParquetColumns:
+    """Check names and Arrow types of the needed columns; every problem in one error."""
+    names = schema.names
+    problems: list[str] = []
+
+    def check(column: str | None, flag: str, accepted: Callable[[Any], bool], what: str) -> None:
+        if column is None:
+            return
+        if column not in names:
+            problems.append(f"no column {column!r} (name the right one with {flag})")
+        elif not accepted(schema.field(column).type):
+            problems.append(
+                f"column {column!r} is {schema.field(column).type}, but {flag} needs {what}"
+            )
+
+    text = "text (string or binary)"
+    check(opts.image_column, "--image-column", _is_image_type,
+          "image bytes (binary), {bytes, path} structs or path strings")
+    check(opts.caption_column, "--caption-column", _is_text_type, text)
+    check(opts.recaption_column, "--recaption-column", _is_text_type, text)
+    key = opts.key_column or ("key" if "key" in names else None)
+    check(key, "--key-column", lambda t: _is_text_type(t) or _pa_is_integer(t),
+          "text or integers")
+    concepts = opts.concepts_column if opts.read_concepts else None
+    kind = None
+    if concepts is not None and concepts not in names:
+        hint = (
+            " or, as the file has captions, take concepts from them with --tag-captions "
+            "VOCABULARY (e.g. coco) or from your own tagger with --tagger MODULE:FUNCTION"
+            if opts.caption_column in names
+            else ""
+        )
+        problems.append(
+            f"no column {concepts!r} (name the right one with --concepts-column){hint}"
+        )
+    elif concepts is not None:
+        kind = _concepts_kind(schema.field(concepts).type)
+        if kind is None:
+            problems.append(
+                f"column {concepts!r} is {schema.field(concepts).type}, but --concepts-column "
+                f"needs {_CONCEPT_TYPES}"
+            )
+    if problems:
+        raise ConversionError(
+            f"{path} cannot be converted: " + "; ".join(problems)
+            + f" (its columns: {', '.join(names)})"
+        )
+    image_type = schema.field(opts.image_column).type
+    return _ParquetColumns(
+        key=key,
+        caption=opts.caption_column,
+        recaption=opts.recaption_column,
+        concepts=concepts,
+        scalar_concepts=kind == "scalar",
+        image=opts.image_column,
+        image_paths=_is_text_type(image_type) and not _pa_is_binary(image_type),
+    )
+
+
+def _pa_is_integer(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_integer(kind))
+
+
+def _pa_is_binary(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_binary(kind) or pa.types.is_large_binary(kind))
 
 
 def _arrow_pylist(column: Any) -> list[Any]:
@@ -506,6 +893,8 @@ def _arrow_pylist(column: Any) -> list[Any]:
     import pyarrow as pa
 
     kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = column.cast(kind.value_type), kind.value_type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         column = column.cast(pa.binary())
     elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
@@ -513,6 +902,13 @@ def _arrow_pylist(column: Any) -> list[Any]:
     ):
         column = column.cast(pa.list_(pa.binary()))
     return column.to_pylist()
+
+
+def _concept_cell(value: Any, scalar: bool) -> list[Any]:
+    """A concepts cell as a list of entries: null is empty, a scalar id is a list of one."""
+    if value is None:
+        return []
+    return [value] if scalar else list(value)
 
 
 def _iter_parquet(path: str, opts: _ReadOptions, with_images: bool) -> Iterator[_Record]:
@@ -524,27 +920,11 @@ def _iter_parquet(path: str, opts: _ReadOptions, with_images: bool) -> Iterator[
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         raise _DamagedInput(f"not a readable parquet file ({err})") from err
-    names = parquet.schema_arrow.names
-
-    def need(column: str, flag: str) -> str:
-        if column not in names:
-            raise ConversionError(
-                f"{path} has no column {column!r} (it has: {', '.join(names)}); name the right "
-                f"one with {flag}"
-            )
-        return column
-
-    image = need(opts.image_column, "--image-column")
-    caption = need(opts.caption_column, "--caption-column")
-    concepts = need(opts.concepts_column, "--concepts-column") if opts.read_concepts else None
-    recaption = opts.recaption_column and need(opts.recaption_column, "--recaption-column")
-    if opts.key_column:
-        key: str | None = need(opts.key_column, "--key-column")
-    else:
-        key = "key" if "key" in names else None
+    plan = _parquet_columns(path, parquet.schema_arrow, opts)
+    key, caption, concepts, recaption = plan.key, plan.caption, plan.concepts, plan.recaption
     columns = [c for c in (key, caption, concepts, recaption) if c]
     if with_images:
-        columns.append(image)
+        columns.append(plan.image)
     columns = list(dict.fromkeys(columns))
     base, file_name = os.path.dirname(path), os.path.basename(path)
     row = 0
@@ -562,13 +942,19 @@ def _iter_parquet(path: str, opts: _ReadOptions, with_images: bool) -> Iterator[
                 )
                 rec.recaption = recaption_value or ""
                 rec.repaired = fixed or fixed_caption or fixed_re
-                for entry in (values[concepts][j] if concepts else None) or []:  # null: empty
+                cell = values[concepts][j] if concepts else None
+                for entry in _concept_cell(cell, plan.scalar_concepts):
                     if isinstance(entry, bytes):
                         entry, fixed = _decode_text(entry)
                         rec.repaired |= fixed
                     rec.concepts.append(entry)
                 if with_images:
-                    rec.image, rec.image_problem = _parquet_image(values[image][j], base)
+                    image = values[plan.image][j]
+                    if plan.image_paths and isinstance(image, bytes):
+                        image = os.fsdecode(image)
+                    rec.image, rec.image_problem, rec.image_reason = _parquet_image(
+                        image, base, opts
+                    )
                 yield rec
                 row += 1
     except (pa.ArrowException, OSError) as err:
@@ -583,49 +969,72 @@ def _iter_parquet(path: str, opts: _ReadOptions, with_images: bool) -> Iterator[
 # ---------------------------------------------------------------------------------------------
 
 
+def _manifest_lines(manifest: Any, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) of the non-blank lines; None for a line over ``limit`` bytes.
+
+    An over-long line is skipped in bounded chunks, never held whole (a manifest of one
+    gigabyte-long line, or ``/dev/zero`` given as a file, cannot exhaust memory).
+    """
+    number = 0
+    while raw := manifest.readline(limit + 1):
+        number += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (rest := manifest.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield number, None
+        elif raw.strip():
+            yield number, raw
+
+
 def _iter_jsonl(path: str, opts: _ReadOptions, with_images: bool) -> Iterator[_Record]:
     """Lines of a manifest; image paths are relative to the manifest's directory."""
     base = os.path.dirname(path)
-    index = 0
+    limit = opts.limits.max_member_bytes
     with open(path, "rb") as manifest:
-        for line_number, raw in enumerate(manifest, start=1):
-            if not raw.strip():
-                continue
+        for index, (line_number, raw) in enumerate(_manifest_lines(manifest, limit)):
             rec = _Record(index=index, label=f"line {line_number}")
-            index += 1
-            obj, problem, rec.repaired = _json_object(raw)
-            if obj is None:
-                rec.malformed = problem
-                yield rec
-                continue
-            image_path = obj.get("image")
-            if "key" in obj:
-                rec.key, problem = _json_key(obj["key"], "key")
-            elif isinstance(image_path, str) and image_path:
-                rec.key = image_path
-            if rec.key is not None:
-                rec.key, fixed = _clean_text(rec.key)
-                rec.repaired |= fixed
-                rec.label = rec.key
-            caption, problem_caption, fixed_caption = _json_text(obj, "caption")
-            recaption, problem_re, fixed_re = _json_text(obj, "recaption")
-            rec.caption, rec.recaption = caption, recaption or ""
-            rec.repaired |= fixed_caption or fixed_re
-            problem = problem or problem_caption or problem_re
-            if problem is None and opts.read_concepts and "concepts" not in obj:
-                problem = "line has no 'concepts' field"
-            if problem is None and opts.read_concepts:
-                concepts, problem, fixed = _json_concepts(obj["concepts"], "concepts")
-                rec.concepts = concepts or []
-                rec.repaired |= fixed
-            if problem is None and opts.read_concepts:
-                rec.scores, problem = _json_scores(obj.get("scores"), len(rec.concepts))
-            rec.malformed = problem
-            if not isinstance(image_path, str) or not image_path:
-                rec.image_problem = "line has no 'image' path"
-            elif with_images:
-                rec.image, rec.image_problem = _read_image_file(image_path, base)
+            if raw is None:
+                rec.skip = ("over a size limit", f"the line is over --max-member-bytes {limit:,}")
+            else:
+                _manifest_record(rec, raw, opts, base, with_images)
             yield rec
+
+
+def _manifest_record(
+    rec: _Record, raw: bytes, opts: _ReadOptions, base: str, with_images: bool
+) -> None:
+    """Fill ``rec`` from one manifest line."""
+    obj, problem, rec.repaired = _json_object(raw)
+    if obj is None:
+        rec.malformed = problem
+        return
+    image_path = obj.get("image")
+    if "key" in obj:
+        rec.key, problem = _json_key(obj["key"], "key")
+    elif isinstance(image_path, str) and image_path:
+        rec.key = image_path
+    if rec.key is not None:
+        rec.key, fixed = _clean_text(rec.key)
+        rec.repaired |= fixed
+        rec.label = rec.key
+    caption, problem_caption, fixed_caption = _json_text(obj, "caption")
+    recaption, problem_re, fixed_re = _json_text(obj, "recaption")
+    rec.caption, rec.recaption = caption, recaption or ""
+    rec.repaired |= fixed_caption or fixed_re
+    problem = problem or problem_caption or problem_re
+    if problem is None and opts.read_concepts and "concepts" not in obj:
+        rec.skip = ("missing concepts", "line has no 'concepts' field" + _TAGGING_HINT)
+    elif problem is None and opts.read_concepts:
+        concepts, problem, fixed = _json_concepts(obj["concepts"], "concepts")
+        rec.concepts = concepts or []
+        rec.repaired |= fixed
+        if problem is None:
+            rec.scores, problem = _json_scores(obj.get("scores"), len(rec.concepts))
+    rec.malformed = problem
+    if not isinstance(image_path, str) or not image_path:
+        rec.image_problem = "line has no 'image' path"
+    elif with_images:
+        rec.image, rec.image_problem, rec.image_reason = _read_image_file(image_path, base, opts)
 
 
 _READERS: dict[str, Callable[[str, _ReadOptions, bool], Iterator[_Record]]] = {
@@ -651,7 +1060,7 @@ def _read(path: str, opts: _ReadOptions, *, scan: bool, spill: str | None) -> It
     if opts.tag_captions is not None:
         tagger = cached_caption_tagger(opts.tag_captions)
         for rec in records:
-            if rec.malformed is None:
+            if rec.malformed is None and rec.skip is None:
                 rec.concepts = tagger.tag(rec.caption)
             yield rec
     elif opts.tagger is None:
@@ -660,7 +1069,9 @@ def _read(path: str, opts: _ReadOptions, *, scan: bool, spill: str | None) -> It
         function = load_tagger(opts.tagger)
         with open(spill or os.devnull, "w", encoding="utf-8") as saved:
             for rec in records:
-                names = _run_tagger(function, opts.tagger, rec, path)
+                names = _run_tagger(
+                    function, opts.tagger, rec, path, opts.limits.max_image_pixels
+                )
                 saved.write(json.dumps(names, ensure_ascii=False) + "\n")
                 rec.concepts = names or []
                 yield rec
@@ -673,15 +1084,16 @@ def _read(path: str, opts: _ReadOptions, *, scan: bool, spill: str | None) -> It
 
 
 def _run_tagger(
-    function: Callable[..., Any], spec: str, rec: _Record, path: str
+    function: Callable[..., Any], spec: str, rec: _Record, path: str, max_pixels: int
 ) -> list[str] | None:
     """The user's tagger on one record; None where the record will be skipped anyway."""
     if (
         rec.malformed is not None
+        or rec.skip is not None
         or rec.caption is None
-        or not rec.caption.strip()
+        or _is_blank(rec.caption)
         or rec.image is None
-        or image_problem(rec.image) is not None
+        or _image_verdict(rec.image, max_pixels) is not None
     ):
         return None
     label = rec.key or rec.label
@@ -726,8 +1138,9 @@ class _Judge:
     Sharing them is what keeps the two passes in agreement about which samples survive.
     """
 
-    def __init__(self, policy: _ConceptPolicy, path: str) -> None:
+    def __init__(self, policy: _ConceptPolicy, path: str, limits: Limits) -> None:
         self.policy = policy
+        self.limits = limits
         self.index = policy.index()
         self.path = path
         self.mapper: ConceptNameMapper | None = None
@@ -745,8 +1158,13 @@ class _Judge:
         """(skip reason and detail, or None; concept ids when a name index is known)."""
         if rec.malformed is not None:
             return ("malformed json", rec.malformed), []
-        if rec.caption is None or not rec.caption.strip():
+        if rec.skip is not None:
+            return rec.skip, []
+        if rec.caption is None or _is_blank(rec.caption):
             return ("missing caption", "no caption text"), []
+        too_long = self._too_long(rec)
+        if too_long is not None:
+            return ("over a size limit", too_long), []
         ids: list[int] = []
         unknown: list[str] = []
         normalised: list[tuple[str, str]] = []
@@ -787,25 +1205,61 @@ class _Judge:
         self.normalised.update(normalised)
         return None, ids
 
+    def _too_long(self, rec: _Record) -> str | None:
+        """Why the caption or recaption is over ``max_caption_bytes``, or None."""
+        limit = self.limits.max_caption_bytes
+        for name, text in (("caption", rec.caption or ""), ("recaption", rec.recaption)):
+            if len(text) * 4 > limit and _utf8_size(text) > limit:  # 4: the most a char takes
+                size = _utf8_size(text)
+                return f"the {name} is {size:,} bytes, over --max-caption-bytes {limit:,}"
+        return None
+
     @property
     def index_names(self) -> tuple[str, ...]:
         """Vocabulary names by id (only asked for when the policy has names)."""
         return self.policy.names or ()
 
 
-def image_problem(data: bytes) -> str | None:
-    """Why ``data`` is not a usable image, or None when it decodes.
+def image_problem(data: bytes, max_pixels: int = Limits.max_image_pixels) -> str | None:
+    """Why ``data`` is not a usable image (undecodable, or over ``max_pixels``), or None."""
+    verdict = _image_verdict(data, max_pixels)
+    return None if verdict is None else verdict[1]
 
-    ``Image.verify()`` misses truncated JPEGs, so this decodes; JPEGs are decoded at 1/8 scale
-    (``draft``), which is cheap and still reads every byte of entropy-coded data.
+
+@contextmanager
+def _pixel_limit_is_ours() -> Iterator[None]:
+    """Turn off PIL's decompression-bomb check while ``_image_verdict`` makes its own.
+
+    PIL warns above ``Image.MAX_IMAGE_PIXELS`` and refuses twice that, whatever the user chose
+    with ``--max-image-pixels``; the converter checks the size itself, before decoding.
+    """
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _image_verdict(data: bytes, max_pixels: int) -> tuple[str, str] | None:
+    """(skip reason, detail) when ``data`` is not a usable image, or None when it decodes.
+
+    The size comes from the header, so an image over ``max_pixels`` is refused before any pixel
+    is decoded. ``Image.verify()`` misses truncated JPEGs, so the rest decodes; JPEGs at 1/8
+    scale (``draft``), which is cheap and still reads every byte of entropy-coded data.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _pixel_limit_is_ours(), Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                return "over a size limit", (
+                    f"the image is {width:,} x {height:,} = {width * height:,} pixels, over "
+                    f"--max-image-pixels {max_pixels:,}"
+                )
             if image.format == "JPEG":
                 image.draft(None, (1, 1))
             image.load()
     except Exception as err:  # any decoder failure means the downstream decode would fail too
-        return f"{type(err).__name__}: {err}"
+        return "undecodable image", f"{type(err).__name__}: {err}"
     return None
 
 
@@ -871,7 +1325,7 @@ class _FileScan:
 
 def _scan_file(task: tuple[str, _ReadOptions, _ConceptPolicy, str | None]) -> _FileScan:
     path, opts, policy, spill = task
-    judge = _Judge(policy, path)
+    judge = _Judge(policy, path, opts.limits)
     tick = _Ticker()
     scan = _FileScan(path, 0, [])
     try:
@@ -923,6 +1377,8 @@ class _Tally:
     shards: int = 0
     unknown_names: Counter[str] = field(default_factory=Counter)
     normalised_names: Counter[tuple[str, str]] = field(default_factory=Counter)
+    concept_instances: Counter[int] = field(default_factory=Counter)  # id -> written instances
+    concept_samples: Counter[int] = field(default_factory=Counter)  # id -> written samples
 
     def skip(self, reason: str, example: dict[str, str], limit: int) -> None:
         self.skipped[reason] += 1
@@ -947,6 +1403,8 @@ class _Tally:
         self.shards += other.shards
         self.unknown_names.update(other.unknown_names)
         self.normalised_names.update(other.normalised_names)
+        self.concept_instances.update(other.concept_instances)
+        self.concept_samples.update(other.concept_samples)
 
 
 def _write_part(task: _PartTask) -> _Tally:
@@ -955,11 +1413,12 @@ def _write_part(task: _PartTask) -> _Tally:
 
     tally = _Tally()
     limit = task.examples_per_reason
+    max_pixels = task.opts.limits.max_image_pixels
     tick = _Ticker()
     writer = MDSWriter(columns=MDS_COLUMNS, out=task.out, **task.writer_kwargs)
     try:
         for path, duplicates, scanned, spill in task.files:
-            judge = _Judge(task.policy, path)
+            judge = _Judge(task.policy, path, task.opts.limits)
             records = 0
             try:
                 for rec in _read(path, task.opts, scan=False, spill=spill):
@@ -969,11 +1428,9 @@ def _write_part(task: _PartTask) -> _Tally:
                     if verdict is None and rec.index in duplicates:
                         verdict = ("duplicate key", "an earlier sample of the input has this key")
                     if verdict is None and rec.image is None:
-                        verdict = ("missing image", rec.image_problem)
+                        verdict = (rec.image_reason, rec.image_problem)
                     if verdict is None:
-                        problem = image_problem(rec.image or b"")
-                        if problem is not None:
-                            verdict = ("undecodable image", problem)
+                        verdict = _image_verdict(rec.image or b"", max_pixels)
                     example = {"key": rec.key or rec.label, "file": path}
                     if verdict is not None:
                         tally.skip(verdict[0], {**example, "detail": verdict[1]}, limit)
@@ -997,6 +1454,8 @@ def _write_part(task: _PartTask) -> _Tally:
                     tally.written += 1
                     tally.instances += len(ids)
                     tally.without_concepts += not ids
+                    tally.concept_instances.update(ids)
+                    tally.concept_samples.update(set(ids))
                     if rec.repaired:
                         tally.repaired += 1
                         if len(tally.repaired_examples) < limit:
@@ -1065,26 +1524,34 @@ def _is_remote(out: str) -> bool:
     return urllib.parse.urlparse(out).scheme not in ("", "file")
 
 
+def _uploader(out: str) -> Any:
+    """Streaming's uploader for a remote ``out`` (its local staging folder already removed)."""
+    from streaming.base.storage.upload import CloudUploader
+
+    try:
+        uploader = CloudUploader.get(out, keep_local=False, exist_ok=True)
+    except Exception as err:
+        raise ConversionError(
+            f"cannot use --out {out}: {err}. The bucket must exist; the endpoint comes from "
+            "S3_ENDPOINT_URL and credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        ) from err
+    shutil.rmtree(uploader.local, ignore_errors=True)
+    return uploader
+
+
 def _check_output(out: str, overwrite: bool, files: Sequence[str]) -> bool:
     """Refuse a non-empty output unless ``overwrite``; True when the local dir must be cleared.
 
     MDSWriter's own ``exist_ok=True`` deletes the directory, so the decision is made here, once,
-    with a message, and never deletes an input.
+    with a message, and never deletes an input. Called with the output locked, so nobody else
+    writes there between this check and the conversion.
     """
     if _is_remote(out):
-        from streaming.base.storage.upload import CloudUploader
-
-        try:
-            uploader = CloudUploader.get(out, keep_local=False, exist_ok=True)
-        except Exception as err:
-            raise ConversionError(
-                f"cannot use --out {out}: {err}. The bucket must exist; the endpoint comes from "
-                "S3_ENDPOINT_URL and credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-            ) from err
-        try:
-            existing = uploader.list_objects() or []
-        finally:
-            shutil.rmtree(uploader.local, ignore_errors=True)
+        existing = [  # our own lock object is not content
+            key
+            for key in _uploader(out).list_objects() or []
+            if f"/{_LOCK_FOLDER}/" not in f"/{key}"
+        ]
         if existing and not overwrite:
             raise ConversionError(
                 f"--out {out} already holds {len(existing)} objects (e.g. {existing[0]}); pass "
@@ -1092,10 +1559,6 @@ def _check_output(out: str, overwrite: bool, files: Sequence[str]) -> bool:
                 "choose another prefix"
             )
         return False
-    if not os.path.exists(out):
-        return False
-    if not os.path.isdir(out):
-        raise ConversionError(f"--out {out} exists and is not a directory; choose a directory")
     entries = sorted(os.listdir(out))
     if not entries:
         return False
@@ -1113,6 +1576,141 @@ def _check_output(out: str, overwrite: bool, files: Sequence[str]) -> bool:
                 "the output elsewhere"
             )
     return True
+
+
+def _clear_folder(out: str) -> None:
+    """Empty ``out`` but keep the folder itself: its lock is held on it."""
+    for entry in os.scandir(out):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# One conversion per output
+# ---------------------------------------------------------------------------------------------
+
+#: Where an ``s3://`` output's lock objects live, under the output prefix.
+_LOCK_FOLDER = ".convert-lock"
+
+
+@contextmanager
+def _output_lock(out: str, break_lock: bool) -> Iterator[list[str]]:
+    """Hold ``out`` for one conversion; yields notes for the report (e.g. "not locked")."""
+    scheme = urllib.parse.urlparse(out).scheme
+    if not _is_remote(out):
+        with _local_lock(out) as notes:
+            yield notes
+    elif scheme == "s3":
+        with _s3_lock(out, break_lock):
+            yield []
+    else:
+        yield [
+            f"--out {out} was not locked (only local folders and s3:// prefixes are): never run "
+            "two conversions into one output at once"
+        ]
+
+
+@contextmanager
+def _local_lock(out: str) -> Iterator[list[str]]:
+    """``flock`` on the output folder itself, so the kernel releases it if the process dies.
+
+    Locking the folder (not a file in it) leaves the output exactly as MDSWriter wants it. A
+    folder this conversion created is removed again if it fails before writing anything.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConversionError(f"--out {out} exists and is not a directory; choose a directory")
+    created = not os.path.exists(out)
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    notes: list[str] = []
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusy(
+                f"--out {out} is being written by another conversion right now (it holds the "
+                "folder's lock); wait for it to finish, or choose another folder"
+            ) from None
+        except OSError as err:
+            notes.append(
+                f"--out {out} could not be locked ({err.strerror or err}; some network file "
+                "systems cannot): never run two conversions into it at once"
+            )
+        try:
+            yield notes
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(out)  # only succeeds while it is still empty
+            raise
+    finally:
+        os.close(fd)
+
+
+def _lock_keys(client: Any, bucket: str, folder: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+def _lock_holder(client: Any, bucket: str, key: str) -> str:
+    """Who wrote a lock object, from its small json body, for the error message."""
+    try:
+        body = client.get_object(Bucket=bucket, Key=key, Range="bytes=0-4095")["Body"].read()
+        holder = json.loads(body)
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except Exception:  # an unreadable lock is still a lock
+        return "an unknown conversion"
+
+
+@contextmanager
+def _s3_lock(out: str, break_lock: bool) -> Iterator[None]:
+    """A lock object under ``<out>/.convert-lock/``, removed at the end.
+
+    S3 lists a finished PUT in every later LIST, so of two conversions that each write their
+    object and then list, at least the later one sees the other: never both proceed (both may
+    stop, if they start at the same instant). A conversion that dies leaves its object behind;
+    the error names it and ``break_lock`` removes it.
+    """
+    client = _uploader(out).s3
+    parsed = urllib.parse.urlparse(out)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    folder = f"{prefix}/{_LOCK_FOLDER}/" if prefix else f"{_LOCK_FOLDER}/"
+    held = _lock_keys(client, bucket, folder)
+    if held and not break_lock:
+        raise OutputBusy(
+            f"--out {out} is locked by {_lock_holder(client, bucket, held[0])} "
+            f"(s3://{bucket}/{held[0]}); wait for that conversion to finish, or, if it no "
+            "longer runs (it crashed or was killed), run again with --break-lock"
+        )
+    for key in held:
+        client.delete_object(Bucket=bucket, Key=key)
+    mine = f"{folder}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex}.json"
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    client.put_object(Bucket=bucket, Key=mine, Body=json.dumps(holder).encode())
+    try:
+        others = [key for key in _lock_keys(client, bucket, folder) if key != mine]
+        if others:
+            raise OutputBusy(
+                f"another conversion ({_lock_holder(client, bucket, others[0])}) started "
+                f"writing into --out {out} at the same moment; let it finish (or stop it) and "
+                "run again"
+            )
+        yield
+    finally:
+        try:
+            client.delete_object(Bucket=bucket, Key=mine)
+        except Exception as err:  # the data is whole; only the next conversion is affected
+            print(
+                f"convert_to_mds: warning: could not remove the lock s3://{bucket}/{mine} "
+                f"({err}); the next conversion into --out needs --break-lock",
+                file=sys.stderr,
+            )
 
 
 def _split_contiguous(counts: Sequence[int], parts: int) -> list[range]:
@@ -1248,6 +1846,9 @@ def convert(
     hashes: Sequence[str] = ("xxh64",),
     max_samples_per_shard: int | None = None,
     examples_per_reason: int = 5,
+    limits: Limits | None = None,
+    image_roots: Sequence[str | os.PathLike[str]] = (),
+    break_lock: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Convert ``inputs`` into an MDS schema v1 dataset at ``out`` and return the report.
@@ -1256,14 +1857,15 @@ def convert(
         inputs: Files, directories (searched recursively by suffix) or glob patterns, in order.
         fmt: ``"webdataset"``, ``"parquet"`` or ``"jsonl"``.
         out: A local directory (created; must be empty unless ``overwrite``) or a remote prefix
-            such as ``s3://bucket/path`` (the bucket must exist).
+            such as ``s3://bucket/path`` (the bucket must exist). Locked while converting.
         vocabulary: A ``vocabulary.json`` (or a directory holding one, or a ``Vocabulary``)
             that fixes concept ids; a name outside it is an ``unknown concept`` skip. Without
             it the vocabulary is built from the data, most frequent first, ties by name.
         extend_vocabulary: Append names missing from ``vocabulary`` (most frequent first)
             instead of skipping their samples. Ids given as numbers are never extended.
-        concepts_from: WebDataset only: json field holding the concepts, ``"classes"`` (one name
-            per detected box, the default) or ``"tags"`` (a " | "-joined string).
+        concepts_from: WebDataset only: where the concepts are, the json's ``"classes"`` (one
+            name per detected box, the default) or ``"tags"`` (a " | "-joined string), or the
+            ``"cls"`` member (one name or integer id per line).
         tag_captions: Take concept ids from the caption instead of the input: a tagging
             vocabulary file (one concept per line, ``name: synonym, ...``), a
             ``vocabulary.json`` or a shipped name (``coco``, ``imagenet1k``); see
@@ -1273,12 +1875,14 @@ def convert(
             ``function(image_bytes, caption) -> list[str]`` once per sample, in the scan pass
             (which then reads images); its names are mapped like detector names.
         workers: Processes; files are split into contiguous runs written as ``part-NNNNN/``
-            sub-datasets and merged. Sample order is input order whatever the value.
+            sub-datasets and merged. Sample order is input order whatever the value. At most
+            one process per input file runs (the report's ``warnings`` say so).
         overwrite: Replace a non-empty local output directory (or write over a non-empty
             remote prefix).
         image_column: Parquet column of image bytes, ``{bytes, path}`` structs or paths.
         caption_column: Parquet column of captions.
-        concepts_column: Parquet column of concept lists (names or ids; default ``concepts``).
+        concepts_column: Parquet column of concept lists (names or ids; default ``concepts``),
+            or of one integer id per row.
         key_column: Parquet key column; by default ``key`` when present, else the key is
             ``<file name>:<row>``.
         recaption_column: Optional parquet column of synthetic captions.
@@ -1288,12 +1892,17 @@ def convert(
             that readers can pass ``validate_hash`` and a corrupt shard is caught by name.
         max_samples_per_shard: Also start a new shard after this many samples.
         examples_per_reason: Example samples listed per skip reason in the report.
+        limits: Size limits (:class:`Limits`; the defaults are far above real data).
+        image_roots: Folders that image paths of a manifest or parquet file may point into,
+            besides that file's own folder.
+        break_lock: Remove the lock a crashed conversion left on an ``s3://`` output.
         progress: Show tqdm progress bars (on stderr).
 
     Returns:
         The report, also written as ``report.json`` beside ``index.json``. It always satisfies
         ``read == written + sum(skipped.values())``; damaged input files are listed under
-        ``errors`` rather than raised.
+        ``errors`` rather than raised, and ``warnings`` says when nothing was written or one
+        skip reason took most of the input.
 
     Names of a given vocabulary are matched as written, then in normal form (case, plural,
     whitespace and punctuation: "Dogs" and "hot_dog" find "dog" and "hot dog"); the report's
@@ -1301,6 +1910,7 @@ def convert(
     skips) and those matched only in normal form, with counts.
 
     Raises:
+        OutputBusy: Another conversion is writing into ``out``.
         ConversionError: Bad arguments, a non-empty output, missing parquet columns, concept ids
             without a vocabulary, a tagger that cannot be imported or fails: the message names
             the file and what to do.
@@ -1335,6 +1945,81 @@ def convert(
         raise ConversionError(f"--workers must be at least 1, got {workers}")
     if max_samples_per_shard is not None and max_samples_per_shard < 1:
         raise ConversionError("--max-samples-per-shard must be at least 1")
+    writer_kwargs = _writer_kwargs(size_limit, compression, hashes)
+    if tag_captions is not None:
+        if vocabulary is not None or extend_vocabulary:
+            raise ConversionError(
+                "--tag-captions fixes the vocabulary (its names in file order): leave out "
+                "--vocabulary and --extend-vocabulary"
+            )
+        try:
+            vocabulary = TaggingVocabulary.load(tag_captions).vocabulary()
+        except (OSError, ValueError) as err:
+            raise ConversionError(f"--tag-captions: {err}") from err
+    if tagger is not None:
+        try:
+            load_tagger(tagger)
+        except ValueError as err:
+            raise ConversionError(str(err)) from err
+    base_vocabulary = _resolve_vocabulary(vocabulary)
+    if extend_vocabulary and base_vocabulary is None:
+        raise ConversionError(
+            "--extend-vocabulary extends a given vocabulary: pass --vocabulary FILE too (without "
+            "one the vocabulary is built from the data anyway)"
+        )
+    out = os.fspath(out)
+    files = _expand_inputs(inputs, fmt)
+    job = _Job(
+        files=files,
+        out=out,
+        opts=_ReadOptions(
+            fmt=fmt,
+            concepts_from=concepts_from,
+            image_column=image_column,
+            caption_column=caption_column,
+            concepts_column=concepts_column,
+            key_column=key_column,
+            recaption_column=recaption_column,
+            tag_captions=tag_captions,
+            tagger=tagger,
+            limits=Limits() if limits is None else limits,
+            image_roots=_image_roots(image_roots),
+        ),
+        base_vocabulary=base_vocabulary,
+        extend_vocabulary=extend_vocabulary,
+        workers=workers,
+        writer_kwargs=writer_kwargs,
+        max_samples_per_shard=max_samples_per_shard,
+        examples_per_reason=examples_per_reason,
+        progress=progress,
+        started=started,
+    )
+    with _output_lock(out, break_lock) as notes:
+        clear_output = _check_output(out, overwrite, files)
+        return _convert_locked(job, clear_output, notes)
+
+
+@dataclass
+class _Job:
+    """A checked conversion request, handed from :func:`convert` to the passes."""
+
+    files: list[str]
+    out: str
+    opts: _ReadOptions
+    base_vocabulary: Vocabulary | None
+    extend_vocabulary: bool
+    workers: int
+    writer_kwargs: dict[str, Any]
+    max_samples_per_shard: int | None
+    examples_per_reason: int
+    progress: bool
+    started: float
+
+
+def _writer_kwargs(
+    size_limit: int | str | None, compression: str | None, hashes: Sequence[str]
+) -> dict[str, Any]:
+    """Check the MDSWriter settings with the writer's own tables; its keyword arguments."""
     # Import the writer's stack (torch comes with it) once, here: forked workers inherit it
     # instead of each spending seconds importing it again.
     from streaming.base.compression import is_compression
@@ -1359,45 +2044,33 @@ def convert(
             f"--size-limit {size_limit!r} is not a shard size between 1 byte and 4gb ({err}); "
             "write bytes or e.g. 64mb"
         ) from err
-    if tag_captions is not None:
-        if vocabulary is not None or extend_vocabulary:
-            raise ConversionError(
-                "--tag-captions fixes the vocabulary (its names in file order): leave out "
-                "--vocabulary and --extend-vocabulary"
-            )
-        try:
-            vocabulary = TaggingVocabulary.load(tag_captions).vocabulary()
-        except (OSError, ValueError) as err:
-            raise ConversionError(f"--tag-captions: {err}") from err
-    if tagger is not None:
-        try:
-            load_tagger(tagger)
-        except ValueError as err:
-            raise ConversionError(str(err)) from err
-    base_vocabulary = _resolve_vocabulary(vocabulary)
-    if extend_vocabulary and base_vocabulary is None:
-        raise ConversionError(
-            "--extend-vocabulary extends a given vocabulary: pass --vocabulary FILE too (without "
-            "one the vocabulary is built from the data anyway)"
-        )
-    out = os.fspath(out)
-    files = _expand_inputs(inputs, fmt)
-    clear_output = _check_output(out, overwrite, files)
-    opts = _ReadOptions(
-        fmt=fmt,
-        concepts_from=concepts_from,
-        image_column=image_column,
-        caption_column=caption_column,
-        concepts_column=concepts_column,
-        key_column=key_column,
-        recaption_column=recaption_column,
-        tag_captions=tag_captions,
-        tagger=tagger,
-    )
+    return {"size_limit": size_limit, "compression": compression, "hashes": list(hashes)}
+
+
+def _image_roots(roots: Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
+    """Real paths of the extra folders image paths may point into; each must be a folder."""
+    real = []
+    for root in roots:
+        if not os.path.isdir(root):
+            raise ConversionError(f"--image-root {os.fspath(root)} is not a folder")
+        real.append(os.path.realpath(root))
+    return tuple(real)
+
+
+def _convert_locked(job: _Job, clear_output: bool, notes: list[str]) -> dict[str, Any]:
+    """Scan, write, merge and publish, with ``job.out`` locked and checked."""
+    files, out, opts = job.files, job.out, job.opts
+    base_vocabulary = job.base_vocabulary
     base_names = None if base_vocabulary is None else tuple(base_vocabulary.names)
     id_limit = None if base_names is None else len(base_names)
-    scan_policy = _ConceptPolicy(None if extend_vocabulary else base_names, id_limit)
-    processes = min(workers, len(files))
+    scan_policy = _ConceptPolicy(None if job.extend_vocabulary else base_names, id_limit)
+    processes = min(job.workers, len(files))
+    if job.workers > len(files):
+        notes.append(
+            f"--workers {job.workers}, but there are {len(files)} input file(s) and each process "
+            f"converts whole files, so {processes} process(es) ran; split large inputs into "
+            "more files (several tars or parquet files) to use more"
+        )
     context = multiprocessing.get_context()
     counter = context.Value("q", 0)
     pool = (
@@ -1405,13 +2078,15 @@ def convert(
         if processes > 1
         else None
     )
-    spill_dir = tempfile.mkdtemp(prefix="cabs-tagger-") if tagger is not None else None
+    spill_dir = tempfile.mkdtemp(prefix="cabs-tagger-") if opts.tagger is not None else None
     spills = [
         os.path.join(spill_dir, f"{j:06d}.jsonl") if spill_dir else None for j in range(len(files))
     ]
     # Extending a vocabulary: a name that is a base name in normal form is that base name.
     base_mapper = (
-        ConceptNameMapper(base_vocabulary) if extend_vocabulary and base_vocabulary else None
+        ConceptNameMapper(base_vocabulary)
+        if job.extend_vocabulary and base_vocabulary
+        else None
     )
     try:
         # Pass 1: keys and concept counts, file by file, folded in input order.
@@ -1419,7 +2094,7 @@ def convert(
         counts: Counter[str] = Counter()
         duplicates: list[frozenset[int]] = []
         records: list[int] = []
-        with tqdm(desc="scan", unit=" samples", disable=not progress) as bar:
+        with tqdm(desc="scan", unit=" samples", disable=not job.progress) as bar:
             scans = [(path, opts, scan_policy, spills[j]) for j, path in enumerate(files)]
             for scan in _run_tasks(pool, _scan_file, scans, bar, counter):
                 dropped = set()
@@ -1440,12 +2115,12 @@ def convert(
         if base_vocabulary is None:
             final = Vocabulary(by_frequency)
             source, added = "built", len(final)
-        elif tag_captions is not None:
+        elif opts.tag_captions is not None:
             final, source, added = base_vocabulary, "tag-captions", 0
         else:
             final = base_vocabulary
             size_before = len(final)
-            if extend_vocabulary:
+            if job.extend_vocabulary:
                 for name in by_frequency:
                     final.add(name)
             source, added = "given", len(final) - size_before
@@ -1453,31 +2128,28 @@ def convert(
 
         # Pass 2: write the parts.
         if clear_output:
-            shutil.rmtree(out)
+            _clear_folder(out)
         runs = _split_contiguous(records, processes)
         part_names = [f"part-{i:05d}" for i in range(len(runs))] if len(runs) > 1 else []
-        writer_kwargs: dict[str, Any] = {
-            "size_limit": size_limit,
-            "compression": compression,
-            "hashes": list(hashes),
-        }
         tasks = [
             _PartTask(
                 out=f"{out.rstrip('/')}/{part_names[i]}" if part_names else out,
                 files=[(files[j], duplicates[j], records[j], spills[j]) for j in run],
                 opts=opts,
                 policy=write_policy,
-                writer_kwargs=writer_kwargs,
-                max_samples_per_shard=max_samples_per_shard,
-                examples_per_reason=examples_per_reason,
+                writer_kwargs=job.writer_kwargs,
+                max_samples_per_shard=job.max_samples_per_shard,
+                examples_per_reason=job.examples_per_reason,
             )
             for i, run in enumerate(runs)
         ]
         counter.value = 0
         tally = _Tally()
-        with tqdm(desc="write", total=sum(records), unit=" samples", disable=not progress) as bar:
+        with tqdm(
+            desc="write", total=sum(records), unit=" samples", disable=not job.progress
+        ) as bar:
             for part in _run_tasks(pool, _write_part, tasks, bar, counter):
-                tally.add(part, examples_per_reason)
+                tally.add(part, job.examples_per_reason)
     finally:
         if pool is not None:
             pool.terminate()
@@ -1489,14 +2161,18 @@ def convert(
         _merge_parts(out, part_names)
     _publish(out, VOCABULARY_FILENAME, final.to_json())
     report = _build_report(
-        tally, fmt=fmt, files=files, out=out, workers=workers, parts=len(runs),
+        tally, fmt=opts.fmt, files=files, out=out, workers=job.workers, parts=len(runs),
         vocabulary={"source": source, "size": len(final), "added": added},
+        names=final.names,
         concept_source=(
-            {"tag-captions": tag_captions} if tag_captions is not None
-            else {"tagger": tagger} if tagger is not None
-            else {"input": concepts_from if fmt == "webdataset" else concepts_column}
+            {"tag-captions": opts.tag_captions} if opts.tag_captions is not None
+            else {"tagger": opts.tagger} if opts.tagger is not None
+            else {"input": opts.concepts_from if opts.fmt == "webdataset"
+                  else opts.concepts_column}
         ),
-        seconds=time.monotonic() - started,
+        limits=asdict(opts.limits),
+        notes=notes,
+        seconds=time.monotonic() - job.started,
     )
     _publish(out, REPORT_FILENAME, json.dumps(report, indent=2, ensure_ascii=False))
     return report
@@ -1508,6 +2184,53 @@ def _canonical(mapper: ConceptNameMapper, name: str) -> str:
     return name if found is None else mapper.names[found]
 
 
+def _concept_counts(tally: _Tally, names: Sequence[str], shown: int = 10) -> dict[str, Any]:
+    """Per-concept counts of the written samples: aligned lists, and the head and tail.
+
+    ``per_concept`` lists are indexed by concept id (``vocabulary.json`` order), so a program
+    (e.g. a balancing policy) reads dataset-wide counts without another pass over the shards.
+    """
+    samples = [tally.concept_samples.get(i, 0) for i in range(len(names))]
+    instances = [tally.concept_instances.get(i, 0) for i in range(len(names))]
+    used = [i for i in range(len(names)) if samples[i]]
+
+    def row(i: int) -> dict[str, Any]:
+        return {"concept": names[i], "id": i, "samples": samples[i], "instances": instances[i]}
+
+    return {
+        "instances": tally.instances,
+        "samples_without_concepts": tally.without_concepts,
+        "distinct": len(used),
+        "unused": len(names) - len(used),
+        "head": [row(i) for i in sorted(used, key=lambda i: (-samples[i], i))[:shown]],
+        "tail": [row(i) for i in sorted(used, key=lambda i: (samples[i], i))[:shown]],
+        "per_concept": {"samples": samples, "instances": instances},
+    }
+
+
+def _skip_alarm(report: dict[str, Any]) -> str | None:
+    """Why a finished conversion should not look like a success, or None.
+
+    Nothing was written, or one skip reason took over ``SKIP_ALARM_SHARE`` of the input; the
+    first example of that reason says why.
+    """
+    read = report["read"]
+    reason, count = max(report["skipped"].items(), key=lambda item: item[1])
+    example = (report["examples"].get(reason) or [None])[0] if count else None
+    why = (
+        f"; e.g. {example['key']!r} in {example['file']}: {example['detail']}" if example else ""
+    )
+    if report["written"] == 0:
+        if not read:
+            return "no sample was written: the input holds no samples"
+        return f"no sample was written; {count:,} of {read:,} were skipped as {reason!r}{why}"
+    if count > SKIP_ALARM_SHARE * read:
+        return (
+            f"{count:,} of {read:,} samples ({count / read:.0%}) were skipped as {reason!r}{why}"
+        )
+    return None
+
+
 def _build_report(tally: _Tally, **facts: Any) -> dict[str, Any]:
     """Assemble the report: counts first, then examples, damage, vocabulary, provenance."""
     skipped = {reason: tally.skipped.get(reason, 0) for reason in SKIP_REASONS}
@@ -1516,19 +2239,17 @@ def _build_report(tally: _Tally, **facts: Any) -> dict[str, Any]:
             f"internal error: read {tally.read} != written {tally.written} + skipped "
             f"{sum(skipped.values())}; please report this with the input that caused it"
         )
-    return {
+    report = {
         "read": tally.read,
         "written": tally.written,
         "skipped": skipped,
+        "warnings": list(facts["notes"]),
         "examples": {r: tally.examples[r] for r in SKIP_REASONS if r in tally.examples},
         "repaired": {
             INVALID_UTF8: {"count": tally.repaired, "examples": tally.repaired_examples}
         },
         "errors": tally.errors,
-        "concepts": {
-            "instances": tally.instances,
-            "samples_without_concepts": tally.without_concepts,
-        },
+        "concepts": _concept_counts(tally, facts["names"]),
         "concept_source": facts["concept_source"],
         "concept_names": names_report(tally.unknown_names, tally.normalised_names),
         "vocabulary": facts["vocabulary"],
@@ -1538,8 +2259,13 @@ def _build_report(tally: _Tally, **facts: Any) -> dict[str, Any]:
         "out": facts["out"],
         "workers": facts["workers"],
         "parts": facts["parts"],
+        "limits": facts["limits"],
         "seconds": round(facts["seconds"], 3),
     }
+    alarm = _skip_alarm(report)
+    if alarm is not None:
+        report["warnings"].insert(0, alarm)
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1549,65 +2275,106 @@ def _build_report(tally: _Tally, **facts: Any) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``tools/convert_to_mds.py`` argument parser."""
+    limits = Limits()
+    statuses = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_STATUSES.items())
     parser = argparse.ArgumentParser(
         prog="convert_to_mds.py",
         description=(
             "Convert WebDataset tars, parquet files or a JSONL manifest into MDS shards "
             "(schema v1) with vocabulary.json and report.json beside index.json."
         ),
-        epilog=(
-            "Exit status: 0 done; 1 done, but some input files were damaged (see the report's "
-            "errors); 2 stopped with an error message (bad arguments or input)."
-        ),
+        epilog=f"exit status:\n{statuses}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="files, directories or glob patterns, converted in this order")
-    parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--out", required=True, metavar="DIR_OR_URL",
-                        help="local directory or remote prefix (s3://bucket/path)")
-    parser.add_argument("--vocabulary", metavar="FILE",
-                        help="vocabulary.json fixing concept ids (default: build from the data)")
-    parser.add_argument("--extend-vocabulary", action="store_true",
-                        help="append names missing from --vocabulary instead of skipping samples")
-    parser.add_argument("--concepts-from", choices=CONCEPT_SOURCES, default=None,
-                        help="webdataset json field holding the concepts (default: classes)")
-    parser.add_argument("--tag-captions", metavar="VOCABULARY",
-                        help="take concept ids from the captions instead: a vocabulary file (one "
-                        "concept per line, 'name: synonym, ...'), a vocabulary.json, or a "
-                        "shipped one: coco, imagenet1k")
-    parser.add_argument("--tagger", metavar="MODULE:FUNCTION",
-                        help="take concept names from your function(image_bytes, caption) -> "
-                        "list of names instead (also path/to/file.py:FUNCTION); names are mapped "
-                        "onto --vocabulary like detector names")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="processes; inputs are split across them (default: 1)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty output directory")
-    parser.add_argument("--image-column", default="image", metavar="NAME",
-                        help="parquet: image bytes or {bytes, path} structs (default: image)")
-    parser.add_argument("--caption-column", default="caption", metavar="NAME",
-                        help="parquet (default: caption)")
-    parser.add_argument("--concepts-column", default=None, metavar="NAME",
-                        help="parquet, names or ids (default: concepts)")
-    parser.add_argument("--key-column", metavar="NAME", help="parquet (default: 'key' if present)")
-    parser.add_argument("--recaption-column", metavar="NAME",
-                        help="parquet synthetic caption column (default: none)")
-    parser.add_argument("--size-limit", default="64mb", metavar="BYTES",
-                        help="MDS shard size limit, bytes or e.g. 64mb (default: 64mb)")
-    parser.add_argument("--compression", metavar="NAME", help="MDS shard compression, e.g. zstd")
-    parser.add_argument("--hashes", nargs="*", default=["xxh64"], metavar="ALGO",
-                        help="shard hashes written to index.json for validate_hash "
-                        "(default: xxh64; none with an empty list)")
-    parser.add_argument("--max-samples-per-shard", type=int, metavar="N",
-                        help="also start a new shard after this many samples")
-    parser.add_argument("--examples-per-reason", type=int, default=5, metavar="N",
-                        help="example keys listed per skip reason in the report (default: 5)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add = parser.add_argument
+    add("--input", nargs="+", required=True, metavar="PATH",
+        help="files, directories or glob patterns, converted in this order (required)")
+    add("--format", required=True, choices=FORMATS,
+        help="what the inputs are: WebDataset tars (.tar, .tar.gz, ...), parquet files, or JSONL "
+        "manifests of {image, caption, concepts} lines (required)")
+    add("--out", required=True, metavar="DIR_OR_URL",
+        help="local directory or remote prefix (s3://bucket/path); locked while converting "
+        "(required)")
+    add("--vocabulary", metavar="FILE",
+        help="vocabulary.json fixing concept ids (default: build one from the data, most "
+        "frequent first)")
+    add("--extend-vocabulary", action="store_true",
+        help="append names missing from --vocabulary instead of skipping their samples "
+        "(default: skip them as 'unknown concept')")
+    add("--concepts-from", choices=CONCEPT_SOURCES, default=None,
+        help="webdataset: where the concepts are, the json's classes or tags field, or the .cls "
+        "member (one name or integer id per line) (default: classes)")
+    add("--tag-captions", metavar="VOCABULARY",
+        help="take concept ids from the captions instead: a vocabulary file (one concept per "
+        "line, 'name: synonym, ...'), a vocabulary.json, or a shipped one: coco, imagenet1k "
+        "(default: concepts come from the input)")
+    add("--tagger", metavar="MODULE:FUNCTION",
+        help="take concept names from your function(image_bytes, caption) -> list of names "
+        "instead (also path/to/file.py:FUNCTION); names are mapped onto --vocabulary like "
+        "detector names (default: none)")
+    add("--workers", type=int, default=1, metavar="N",
+        help="processes; each converts whole input files, so at most one per file runs "
+        "(default: 1)")
+    add("--overwrite", action="store_true",
+        help="replace a non-empty output directory, or write over a non-empty prefix (default: "
+        "refuse)")
+    add("--image-column", default="image", metavar="NAME",
+        help="parquet: image bytes, {bytes, path} structs or path strings (default: image)")
+    add("--caption-column", default="caption", metavar="NAME",
+        help="parquet: caption text (default: caption)")
+    add("--concepts-column", default=None, metavar="NAME",
+        help="parquet: lists of concept names or ids, or one integer id per row "
+        "(default: concepts)")
+    add("--key-column", metavar="NAME",
+        help="parquet: sample keys (default: 'key' if present, else FILE:ROW)")
+    add("--recaption-column", metavar="NAME",
+        help="parquet: synthetic captions (default: none)")
+    add("--size-limit", default="64mb", metavar="BYTES",
+        help="MDS shard size limit, bytes or e.g. 64mb (default: 64mb)")
+    add("--compression", metavar="NAME",
+        help="MDS shard compression, e.g. zstd (default: none)")
+    add("--hashes", nargs="*", default=["xxh64"], metavar="ALGO",
+        help="shard hashes written to index.json for validate_hash (default: xxh64; none with "
+        "an empty list)")
+    add("--max-samples-per-shard", type=int, metavar="N",
+        help="also start a new shard after this many samples (default: no limit)")
+    add("--examples-per-reason", type=int, default=5, metavar="N",
+        help="example keys listed per skip reason in the report (default: 5)")
+    add("--max-member-bytes", type=int, default=limits.max_member_bytes, metavar="N",
+        help="larger tar members, manifest lines, parquet image cells and image files are "
+        f"skipped unread (default: {limits.max_member_bytes}, 128 MiB)")
+    add("--max-caption-bytes", type=int, default=limits.max_caption_bytes, metavar="N",
+        help="samples whose caption or recaption is longer in UTF-8 are skipped (default: "
+        f"{limits.max_caption_bytes}, 1 MiB)")
+    add("--max-image-pixels", type=int, default=limits.max_image_pixels, metavar="N",
+        help="images with more pixels (width x height, read from the header) are skipped "
+        f"(default: {limits.max_image_pixels}, PIL's decompression-bomb warning level)")
+    add("--image-root", action="append", default=[], metavar="DIR",
+        help="jsonl / parquet: a folder image paths may also point into, repeatable (default: "
+        "only the folder of the file naming them; '..', absolute paths and symbolic links that "
+        "leave it are refused)")
+    add("--accept-skips", action="store_true",
+        help="exit 0 even when no sample was written or one skip reason took over half of "
+        "the input (default: exit status 4)")
+    add("--break-lock", action="store_true",
+        help="s3 output: remove the lock a crashed conversion left behind (check first that "
+        "it no longer runs) (default: refuse to start)")
+    add("--no-progress", action="store_true", help="hide progress bars (default: shown)")
     return parser
 
 
+def _printable(report: dict[str, Any]) -> dict[str, Any]:
+    """The report for the console: the per-concept lists stay in ``report.json``."""
+    shown = dict(report)
+    concepts = dict(report["concepts"])
+    size = len(concepts["per_concept"]["samples"])
+    concepts["per_concept"] = f"{size} samples / instances counts by concept id in report.json"
+    shown["concepts"] = concepts
+    return shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; print the report as JSON; return the exit status."""
+    """Run the command line; print the report as JSON; return an ``EXIT_STATUSES`` code."""
     args = build_parser().parse_args(argv)
     size_limit: int | str = args.size_limit
     if isinstance(size_limit, str) and size_limit.isdigit():
@@ -1634,15 +2401,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             hashes=args.hashes,
             max_samples_per_shard=args.max_samples_per_shard,
             examples_per_reason=args.examples_per_reason,
+            limits=Limits(args.max_member_bytes, args.max_caption_bytes, args.max_image_pixels),
+            image_roots=args.image_root,
+            break_lock=args.break_lock,
             progress=not args.no_progress,
         )
+    except OutputBusy as err:
+        print(f"convert_to_mds: error: {err}", file=sys.stderr)
+        return 5
     except ConversionError as err:
         print(f"convert_to_mds: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2, ensure_ascii=False))
+    except KeyboardInterrupt:
+        print(
+            f"convert_to_mds: interrupted; {args.out} may hold a partial dataset: run the same "
+            "command with --overwrite to start again",
+            file=sys.stderr,
+        )
+        return 130
+    print(json.dumps(_printable(report), indent=2, ensure_ascii=False))
     for error in report["errors"]:
         print(f"convert_to_mds: damaged input {error['file']}: {error['error']}", file=sys.stderr)
-    return 1 if report["errors"] else 0
+    for warning in report["warnings"]:
+        print(f"convert_to_mds: warning: {warning}", file=sys.stderr)
+    if _skip_alarm(report) is not None and not args.accept_skips:
+        return 4
+    return 3 if report["errors"] else 0
 
 
 if __name__ == "__main__":

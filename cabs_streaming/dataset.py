@@ -13,6 +13,7 @@ Composer: the dataset is a plain ``streaming.StreamingDataset`` and is what Comp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from streaming import StreamingDataset
+from streaming.base.hashing import get_hash
 from streaming.base.storage import CloudDownloader
 from streaming.base.util import retry
 from torch.utils.data import DataLoader
@@ -188,6 +190,14 @@ class ConceptStreamingDataset(StreamingDataset):
     prints the traceback and ends the epoch early and silently. Here a failing shard raises
     ``ShardError`` naming the shard and what to do, from ``__iter__`` in the process that
     iterates (so through the DataLoader to the trainer), instead of training on a short epoch.
+
+    ``validate_hash`` covers shard files already on disk too. Streaming 0.13 checks a shard's
+    hash only right after downloading (or decompressing) it: a local dataset (no ``remote``), or
+    a cache entry left by an earlier run, is read unchecked, even one whose download failed the
+    check (the file stays in the cache). Here each process hashes a shard file it finds on disk
+    the first time it reads a sample of it (once per shard per process; xxh64 runs at several
+    GB/s), and a cached copy of a remote shard that fails is deleted, so the next run downloads
+    it again instead of trusting it.
     """
 
     def __init__(
@@ -202,6 +212,7 @@ class ConceptStreamingDataset(StreamingDataset):
         self.tokenizer = _as_tokenizer(tokenizer, context_length)
         super().__init__(**kwargs)
         self._current_epoch: int | None = None
+        self._checked_shards: set[int] = set()  # shard files hashed by this process
         self.vocabulary = self._load_vocabulary()
 
     # ----------------------------------------------------------------------------------------
@@ -337,9 +348,61 @@ class ConceptStreamingDataset(StreamingDataset):
         except ShardError:
             raise
         except Exception as err:
+            if "Checksum failure" in str(err):
+                self._drop_cached_shard(shard_id)
             raise ShardError(
                 f"cannot prepare shard {self._shard_label(shard_id)}: {err}; {_shard_hint(err)}"
             ) from err
+
+    def _check_shard_on_disk(self, shard_id: int) -> None:
+        """Hash shard ``shard_id``'s files on disk once in this process, under ``validate_hash``.
+
+        Files not on disk yet are left to the download, which streaming checks itself.
+        """
+        if shard_id in self._checked_shards:
+            return
+        stream = self.streams[int(self.stream_per_shard[shard_id])]
+        algo = stream.validate_hash
+        if not algo:
+            self._checked_shards.add(shard_id)
+            return
+        for raw_info, _ in self.shards[shard_id].file_pairs:
+            path = os.path.join(stream.local, stream.split or "", raw_info.basename)
+            if not os.path.isfile(path):
+                return
+            problem = None
+            if algo not in raw_info.hashes:
+                problem = (
+                    f"Hash algorithm `{algo}` chosen for data validation does not match with "
+                    f"those provided during dataset creation `{sorted(raw_info.hashes)}`"
+                )
+            else:
+                with open(path, "rb") as f:
+                    if get_hash(algo, f.read()) != raw_info.hashes[algo]:
+                        problem = f"Checksum failure: {path}"
+                        self._drop_cached_shard(shard_id)
+            if problem is not None:
+                raise ShardError(
+                    f"cannot prepare shard {self._shard_label(shard_id)}: {problem}; "
+                    f"{_shard_hint(ValueError(problem))}"
+                )
+        self._checked_shards.add(shard_id)
+
+    def _drop_cached_shard(self, shard_id: int) -> None:
+        """Delete the cached files of a shard that failed its hash, never a dataset's own files.
+
+        Only a cache (a stream with a remote other than its local folder) is touched, so the
+        next run downloads the shard again instead of reading the bad copy unchecked.
+        """
+        stream = self.streams[int(self.stream_per_shard[shard_id])]
+        if not stream.remote or os.path.realpath(stream.remote) == os.path.realpath(stream.local):
+            return
+        for raw_info, zip_info in self.shards[shard_id].file_pairs:
+            for info in (raw_info, zip_info):
+                if info is not None:
+                    path = os.path.join(stream.local, stream.split or "", info.basename)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
 
     def on_exception(self, future: Any) -> None:
         """Remember a background thread's failure for ``__iter__`` (streaming only prints it)."""
@@ -360,6 +423,9 @@ class ConceptStreamingDataset(StreamingDataset):
 
     def get_item(self, idx: int, retry: int = 7) -> dict[str, Any]:
         """Sample ``idx`` (a global index) with its image still encoded; see the class docs."""
+        shard_id, _ = self.spanner[idx]
+        if int(shard_id) not in self._checked_shards:
+            self._check_shard_on_disk(int(shard_id))
         raw = super().get_item(idx, retry=retry)
         key = raw["key"]
         try:

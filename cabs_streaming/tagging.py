@@ -354,6 +354,11 @@ class TaggingVocabulary:
             )
         if path.suffix == ".json":
             names = Vocabulary.load(str(path)).names
+            if not names:  # a tagger with nothing to find would tag every caption with nothing
+                raise ValueError(
+                    f"{path}: no concepts (its \"concepts\" list is empty); give a vocabulary "
+                    "with at least one name"
+                )
             return cls.from_names(names, str(path))
         return cls.parse(path.read_text(encoding="utf-8"), str(path))
 
@@ -451,8 +456,12 @@ class CaptionTagger:
             key = f" {form} "
             # Value: (concept id, length - 1); start = end - (length - 1).
             automaton.add_word(key, (cid, len(key) - 1))
-        automaton.make_automaton()
-        self._automaton = automaton
+        # pyahocorasick refuses to search an automaton without keys (AttributeError); with no
+        # concepts there is nothing to find, so searching yields nothing instead.
+        self._find: Callable[[str], Iterable[tuple[int, tuple[int, int]]]] = _find_nothing
+        if forms:
+            automaton.make_automaton()
+            self._find = automaton.iter
         self.num_forms = len(forms)
 
     @classmethod
@@ -471,7 +480,7 @@ class CaptionTagger:
 
     def tag_many(self, captions: Iterable[str | None]) -> list[list[int]]:
         """:meth:`tag` for each caption; the loop is inlined, as this is the hot path."""
-        find = self._automaton.iter
+        find = self._find
         ascii_table = _ASCII_TABLE
         fold = _fold
         results: list[list[int]] = []
@@ -499,6 +508,12 @@ class CaptionTagger:
         """The concept names :meth:`tag` finds, for reading and logging."""
         names = self.vocabulary.names
         return [names[i] for i in self.tag(caption)]
+
+
+def _find_nothing(text: str) -> Iterable[tuple[int, tuple[int, int]]]:
+    """The search of a tagger without concepts."""
+    del text
+    return ()
 
 
 @lru_cache(maxsize=4)

@@ -235,8 +235,25 @@ def test_parquet_missing_column_error_names_the_file_and_the_option(
 ) -> None:
     table = pa.table({"image": images["jpg"][:1], "text": ["x"], "concepts": [["dog"]]})
     pq.write_table(table, tmp_path / "cols.parquet")
-    with pytest.raises(ConversionError, match=r"cols.parquet has no column 'caption'.*--caption"):
+    with pytest.raises(ConversionError, match=r"cols.parquet .*no column 'caption'.*--caption"):
         convert([str(tmp_path / "cols.parquet")], "parquet", str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists(), "the output folder it made is removed again"
+
+
+def test_parquet_column_problems_are_reported_all_at_once_with_the_tagging_hint(
+    tmp_path: Path, images: dict[str, list[bytes]]
+) -> None:
+    table = pa.table({"jpg": images["jpg"][:1], "caption": ["a dog"], "uid": [1.5]})
+    pq.write_table(table, tmp_path / "cols.parquet")
+    with pytest.raises(ConversionError) as caught:
+        convert([str(tmp_path / "cols.parquet")], "parquet", str(tmp_path / "out"),
+                key_column="uid", progress=False)
+    message = str(caught.value)
+    assert "no column 'image' (name the right one with --image-column)" in message
+    assert "column 'uid' is double, but --key-column needs text or integers" in message
+    assert "no column 'concepts'" in message
+    assert "--tag-captions VOCABULARY" in message and "--tagger" in message
+    assert "(its columns: jpg, caption, uid)" in message
 
 
 def test_jsonl_round_trip_reads_images_relative_to_the_manifest(
@@ -281,7 +298,9 @@ def test_jsonl_lines_that_cannot_be_used_are_counted(
     assert report["read"] == 4 and report["written"] == 1
     assert report["skipped"]["missing image"] == 1
     assert "gone.jpg" in report["examples"]["missing image"][0]["detail"]
-    assert [e["key"] for e in report["examples"]["malformed json"]] == ["line 3", "k3"]
+    assert [e["key"] for e in report["examples"]["malformed json"]] == ["line 3"]
+    assert [e["key"] for e in report["examples"]["missing concepts"]] == ["k3"]
+    assert "--tag-captions" in report["examples"]["missing concepts"][0]["detail"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,8 +336,10 @@ def test_every_skip_reason_is_counted_with_example_keys(
         "missing caption": 2,
         "unknown concept": 1,
         "duplicate key": 1,
-        "malformed json": 2,
+        "malformed json": 1,
         "missing image": 1,
+        "missing concepts": 1,
+        "over a size limit": 0,
     }
     assert list(report["skipped"]) == list(SKIP_REASONS)
     examples = {r: [e["key"] for e in shown] for r, shown in report["examples"].items()}
@@ -327,8 +348,9 @@ def test_every_skip_reason_is_counted_with_example_keys(
         "missing caption": ["nocap", "blank"],
         "unknown concept": ["alien"],
         "duplicate key": ["same"],
-        "malformed json": ["badjson", "nojson"],
+        "malformed json": ["badjson"],
         "missing image": ["noimage"],
+        "missing concepts": ["nojson"],
     }
     assert all(e["file"] == str(tar) and e["detail"] for s in report["examples"].values()
                for e in s)
@@ -352,8 +374,8 @@ def test_truncated_tar_keeps_what_was_read_and_reports_the_file(
 
     assert report["read"] == 4 and report["written"] == 3
     # The cut sample lost its image half-way and never got to its json member.
-    assert report["skipped"]["malformed json"] == 1
-    assert report["examples"]["malformed json"][0]["key"] == "0002"
+    assert report["skipped"]["missing concepts"] == 1
+    assert report["examples"]["missing concepts"][0]["key"] == "0002"
     assert len(report["errors"]) == 1
     assert report["errors"][0]["file"] == str(cut)
     assert "ReadError" in report["errors"][0]["error"]
@@ -407,7 +429,8 @@ def test_empty_concept_list_is_kept(tmp_path: Path, images: dict[str, list[bytes
     report = run([tar], "webdataset", tmp_path / "out")
 
     assert report["written"] == 2
-    assert report["concepts"] == {"instances": 1, "samples_without_concepts": 1}
+    assert report["concepts"]["instances"] == 1
+    assert report["concepts"]["samples_without_concepts"] == 1
     rows = read_back(tmp_path / "out")
     assert [(r["key"], r["concepts"]) for r in rows] == [("empty", []), ("one", ["dog"])]
 
@@ -492,8 +515,8 @@ def test_concepts_from_tags_splits_the_joined_string(
     ])
     report = run([tar], "webdataset", tmp_path / "out", concepts_from="tags")
 
-    assert report["skipped"]["malformed json"] == 1
-    assert "no 'tags' field" in report["examples"]["malformed json"][0]["detail"]
+    assert report["skipped"]["missing concepts"] == 1
+    assert "no 'tags' field" in report["examples"]["missing concepts"][0]["detail"]
     rows = read_back(tmp_path / "out")
     assert [(r["key"], r["concepts"]) for r in rows] == [("a", ["dog", "sofa"]), ("b", [])]
 
@@ -610,7 +633,7 @@ def test_bad_arguments_say_what_to_do(
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_prints_the_report_and_exits_1_on_damaged_input(
+def test_cli_prints_the_report_and_exits_3_on_damaged_input(
     tmp_path: Path, images: dict[str, list[bytes]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     tar = write_tar(tmp_path / "c.tar", [wds("a", images["jpg"][0], {"caption": "x",
@@ -620,12 +643,18 @@ def test_cli_prints_the_report_and_exits_1_on_damaged_input(
     printed = json.loads(capsys.readouterr().out)
     assert status == 0 and printed["written"] == 1
 
+    samples = [wds(f"s{i}", images["jpg"][i], {"caption": "x", "classes": ["dog"]})
+               for i in range(3)]
+    whole = write_tar(tmp_path / "three.tar", samples)
+    with tarfile.open(whole) as archive:
+        last = next(m for m in archive.getmembers() if m.name == "s2.jpg")
     cut = tmp_path / "cut.tar"
-    cut.write_bytes(tar.read_bytes()[:700])
+    cut.write_bytes(whole.read_bytes()[: last.offset_data + 100])  # two whole samples, one cut
     status = main(["--input", str(cut), "--format", "webdataset", "--out",
                    str(tmp_path / "damaged"), "--no-progress"])
     captured = capsys.readouterr()
-    assert status == 1 and json.loads(captured.out)["errors"]
+    assert status == 3 and json.loads(captured.out)["errors"]
+    assert json.loads(captured.out)["written"] == 2
     assert str(cut) in captured.err
 
     status = main(["--input", str(tmp_path / "nope.tar"), "--format", "webdataset", "--out",

@@ -557,3 +557,58 @@ def test_asking_for_a_hash_the_index_lacks_says_what_to_do(mds_dir: str, tmp_pat
     )
     with pytest.raises(ShardError, match=r"shard\.00000\.mds.*set train_data.validate_hash"):
         _keys(_loader(dataset, num_workers=0))
+
+
+# Streaming checks validate_hash only right after a download; files already on disk are ours.
+
+
+def _hashed(local: Path, remote: Path | None = None, workers: int = 0) -> list[list[str]]:
+    dataset = ConceptStreamingDataset(
+        remote=None if remote is None else str(remote),
+        local=str(local),
+        batch_size=SUPERBATCH,
+        shuffle=False,
+        validate_hash="xxh64",
+    )
+    try:
+        return _keys(_loader(dataset, num_workers=workers))
+    finally:
+        del dataset
+        gc.collect()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_shard_of_a_local_dataset_is_caught_under_validate_hash(
+    hashed_remote: Path, workers: int
+) -> None:
+    _damage(hashed_remote / "shard.00002.mds")
+    with pytest.raises(ShardError, match=r"shard\.00002\.mds: Checksum failure.*corrupt"):
+        _hashed(hashed_remote, workers=workers)
+    assert (hashed_remote / "shard.00002.mds").exists(), "a dataset's own files are never deleted"
+
+
+def test_a_cached_shard_that_failed_its_hash_is_never_trusted_on_the_next_run(
+    hashed_remote: Path, tmp_path: Path
+) -> None:
+    shard = hashed_remote / "shard.00001.mds"
+    intact = shard.read_bytes()
+    _damage(shard)
+    cache = tmp_path / "cache"
+    for _ in range(2):  # the second run finds the cache the first one left
+        with pytest.raises(ShardError, match=r"shard\.00001\.mds: Checksum failure"):
+            _hashed(cache, hashed_remote)
+        assert not (cache / "shard.00001.mds").exists(), "the bad copy left the cache"
+
+    shard.write_bytes(intact)  # the remote is repaired: the next run downloads it again
+    assert sum(len(keys) for keys in _hashed(cache, hashed_remote)) == NUM_SAMPLES
+
+
+def test_a_cached_shard_changed_on_disk_is_caught_before_it_is_read(
+    hashed_remote: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    assert sum(len(keys) for keys in _hashed(cache, hashed_remote)) == NUM_SAMPLES
+    _damage(cache / "shard.00003.mds")  # e.g. a disk error, or a copy interrupted by hand
+    with pytest.raises(ShardError, match=r"shard\.00003\.mds: Checksum failure"):
+        _hashed(cache, hashed_remote)
+    assert sum(len(keys) for keys in _hashed(cache, hashed_remote)) == NUM_SAMPLES

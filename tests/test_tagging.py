@@ -349,7 +349,8 @@ def test_tag_captions_takes_ids_from_the_caption(tmp_path: Path, jpegs: list[byt
                                                            "sofa"]
     rows = read_back(tmp_path / "out")
     assert [r["concepts"] for r in rows] == [["hot dog", "dog"], ["cat", "sofa"], [], ["mouse"]]
-    assert report["concepts"] == {"instances": 5, "samples_without_concepts": 1}
+    assert report["concepts"]["instances"] == 5
+    assert report["concepts"]["samples_without_concepts"] == 1
 
 
 def test_tag_captions_needs_no_concept_field_in_jsonl_or_parquet(
@@ -576,3 +577,23 @@ def test_bench_tagging_prints_one_json_line() -> None:
     assert stats["captions_per_s"] > 0
     # Every planted mention is found (filler words are not concept names).
     assert stats["ids_per_caption"] >= stats["planted_mentions_per_caption"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty vocabularies
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_tagger_without_concepts_finds_nothing_instead_of_crashing() -> None:
+    tagger = CaptionTagger(TaggingVocabulary.from_names([]))
+    assert tagger.tag("a dog on a sofa") == []
+    assert tagger.tag_many(["a cat", "", None]) == [[], [], []]
+
+
+def test_an_empty_vocabulary_json_is_refused_with_its_name(tmp_path: Path) -> None:
+    Vocabulary([]).save(str(tmp_path))
+    with pytest.raises(ValueError, match=r"vocabulary.json: no concepts"):
+        TaggingVocabulary.load(tmp_path / "vocabulary.json")
+    with pytest.raises(ConversionError, match=r"--tag-captions: .*vocabulary.json: no concepts"):
+        convert([str(tmp_path / "none.jsonl")], "jsonl", str(tmp_path / "out"),
+                tag_captions=tmp_path / "vocabulary.json", progress=False)

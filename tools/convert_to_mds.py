@@ -6,6 +6,9 @@ the module docstring of ``cabs_streaming/convert.py`` explains the design. Examp
 
     python tools/convert_to_mds.py --input shards/ --format webdataset --out s3://bucket/mds
 
+The exit status says how it went (0 done, 3 damaged inputs, 4 nothing written or most of the
+input skipped for one reason, 5 output busy, ...: the table is at the end of ``--help``).
+
 Data with captions but no concepts: take the ids from the captions with a tagging vocabulary
 (``coco``, ``imagenet1k`` or your own file, see ``cabs_streaming/tagging.py``), or from your own
 image tagger, a function ``(image_bytes, caption) -> list of names``::
