@@ -217,15 +217,13 @@ def test_composer_checkpoints_go_to_s3_and_load_back(server: S3Server, tmp_path:
         "eval_data.zeroshot=null",
         "eval_data.retrieval=null",
         "train_data.num_workers=0",
-        "run_name=s3run",
         "progress_bar=false",
-        f"selection.selection_log={tmp_path}/sel.jsonl",
-        f"metrics_file={tmp_path}/m.json",
+        f"run_folder={tmp_path}/{{run_name}}",
     ]
     # No "latest" pointer: Composer uploads it from a poller that checks every 30 s, and fit
     # would wait for it (about 30 s more); the checkpoints themselves are what is checked here.
     saving = ["max_duration=2ba", f"save_folder={folder}", "save_interval=1ba"]
-    cfg = load_config(QUICKSTART, [*common, *saving, "save_latest_filename=null"])
+    cfg = load_config(QUICKSTART, [*common, "run_name=s3run", *saving, "save_latest_filename=null"])
     trainer = build_trainer(cfg)
     trainer.fit()
     trainer.close()  # waits for the uploads
@@ -240,6 +238,7 @@ def test_composer_checkpoints_go_to_s3_and_load_back(server: S3Server, tmp_path:
         QUICKSTART,
         [
             *common,
+            "run_name=from-s3run",
             "max_duration=3ba",
             "save_folder=null",
             f"load_path=s3://{BUCKET}/ckpt/s3run/ep0-ba2-rank0.pt",
