@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "claim_run",
     "list_checkpoints",
     "newest_checkpoint",
+    "save_schedule",
 ]
 
 log = logging.getLogger(__name__)
@@ -178,6 +180,40 @@ def newest_checkpoint(folder: str | None) -> Checkpoint | None:
     return found[-1] if found else None
 
 
+def save_schedule(interval: str) -> Callable[[Any, Any], bool]:
+    """Composer's checkpoint schedule for ``interval``, moving an epoch's-end save past the epoch.
+
+    A checkpoint due at the batch that ends an epoch is taken at ``EPOCH_CHECKPOINT`` instead
+    (after the epoch is closed: named ``ep{e+1}-ba{b}``), not at that batch's
+    ``BATCH_CHECKPOINT``. Saved at the batch, it records a position at the very end of the epoch:
+    a run resumed from it first iterates the exhausted epoch, gets no batch and Composer warns
+    "No batches were trained ... may cause other issues or crashes" on a correct resume. Same
+    step, same state otherwise; only where in the epoch bookkeeping the save happens.
+    """
+    from composer.core import Event
+    from composer.utils.misc import create_interval_scheduler
+
+    due = create_interval_scheduler(interval, checkpoint_events=True)
+    deferred = False
+
+    def schedule(state: Any, event: Any) -> bool:
+        nonlocal deferred
+        if event == Event.EPOCH_CHECKPOINT and deferred:
+            deferred = False
+            return True
+        wanted = due(state, event)
+        per_epoch = state.dataloader_len
+        at_epoch_end = per_epoch is not None and int(state.timestamp.batch_in_epoch) >= int(
+            per_epoch
+        )
+        if wanted and event == Event.BATCH_CHECKPOINT and at_epoch_end:
+            deferred = True
+            return False
+        return wanted
+
+    return schedule
+
+
 # ------------------------------------------------------------------------------ ownership
 
 
@@ -292,11 +328,13 @@ def check_checkpoint(path: str) -> None:
         with torch.serialization.safe_globals(_composer_state_globals()):
             torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        reason = str(err).split("\n")
-        detail = next((line for line in reason if "Unsupported global" in line), reason[0])
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        lines = [line.strip() for line in text.splitlines() if "error" in line.lower()]
+        what = f"the global {found.group(1)}" if found else (lines or [text])[-1]
         raise UnsafeCheckpoint(
-            f"checkpoint {path} holds more than a Composer training state ({detail.strip()}); "
-            "loading it would unpickle it with weights_only=False, which can run code. Load only "
+            f"checkpoint {path} holds more than a Composer training state ({what}); loading it "
+            "would unpickle it with weights_only=False, which can run code. Load only "
             "checkpoints you or someone you trust wrote; if this is one, set "
             "trust_checkpoints=true"
         ) from None

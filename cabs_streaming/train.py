@@ -324,7 +324,7 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
     from cabs_streaming.evaluation import build_evaluators
     from cabs_streaming.model import ComposerCLIP
     from cabs_streaming.runlog import RunLog
-    from cabs_streaming.runs import CURVES, HISTORY, SUMMARY, resolvable
+    from cabs_streaming.runs import CURVES, HISTORY, SUMMARY, resolvable, save_schedule
     from cabs_streaming.storage import check_s3_locations, tune_checkpoint_uploads
 
     if not dist.is_initialized() and dist.get_world_size() > 1:
@@ -432,7 +432,7 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
         device_train_microbatch_size=cfg.device_train_microbatch_size
         or cfg.global_train_batch_size // world,
         save_folder=paths.save_folder,
-        save_interval=cfg.save_interval,
+        save_interval=save_schedule(cfg.save_interval),
         save_latest_filename=cfg.save_latest_filename,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         save_overwrite=cfg.save_overwrite,
