@@ -260,3 +260,34 @@ def test_restart_keeps_the_data(server: S3Server) -> None:
     assert server.endpoint_url == endpoint
     body = server.client().get_object(Bucket=BUCKET, Key="restart/probe")["Body"].read()
     assert body == b"kept across restarts"
+
+
+def test_an_upload_over_an_existing_checkpoint_is_not_blamed_on_s3(
+    server: S3Server, tmp_path: Path
+) -> None:
+    """Composer refuses to overwrite a checkpoint object (``save_overwrite`` false); the error
+    says that another run wrote it, not that S3 failed and autoresume will fix it."""
+    from types import SimpleNamespace
+
+    from composer.utils.remote_uploader import RemoteUploader
+
+    from cabs_streaming.storage import CheckpointUploadGuard, StorageError, _upload_on_threads
+
+    key = "taken/ep0-ba3-rank0.pt"
+    server.client().put_object(Bucket=BUCKET, Key=key, Body=b"the other run's")
+    uploader = RemoteUploader(remote_folder=f"s3://{BUCKET}/taken")
+    _upload_on_threads(uploader, 1)
+    local = tmp_path / "ep0-ba3-rank0.pt"
+    local.write_bytes(b"this run's")
+    upload = uploader.upload_file_async(key, local, overwrite=False)
+    assert isinstance(upload.exception(timeout=60), FileExistsError)
+    guard = CheckpointUploadGuard(uploader, f"s3://{BUCKET}/taken", attempts=10)
+    with pytest.raises(StorageError) as err:
+        guard.batch_end(SimpleNamespace(run_name="this-run"), None)
+    message = str(err.value)
+    assert message.startswith(f"a checkpoint of this run is already in s3://{BUCKET}/taken")
+    assert "S3 is fine; another run with the same run_name wrote there" in message
+    assert "Once S3 answers again" not in message
+    body = server.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    assert body == b"the other run's"
+    uploader.upload_executor.shutdown()
