@@ -9,13 +9,18 @@ message: only the access key id's first characters are shown, so a user can tell
 credentials were used.
 
 Why the upload tuning: Composer's ``CheckpointSaver`` uploads to S3 with boto3's default of 3
-attempts (its own retry loop never fires for S3: the S3 store raises no "transient" errors), and
-polls for the remote "latest" pointer every 30 s; neither is a Trainer argument.
-``tune_checkpoint_uploads`` sets both on the built trainer, so a short S3 outage costs retries
-rather than the run, and the pointer that autoresume reads follows a checkpoint within seconds.
-When the retries run out, ``CheckpointUploadGuard`` stops the run with an error that says where
-the upload went, which endpoint setting was used and how to continue (autoresume), instead of
-the upload worker's bare exception.
+attempts (its own retry loop never fires for S3: the S3 store raises no "transient" errors),
+polls for the remote "latest" pointer every 30 s, uploads from process pools that take up to a
+minute to start on a busy machine, and keeps its local copies and staging files in the system
+temp folder; none of it is a Trainer argument. ``tune_checkpoint_uploads`` fixes all four on the
+built trainer, so a short S3 outage costs retries rather than the run, a checkpoint is in the
+bucket seconds after it is saved, and nothing of a run is left outside its run folder. When the
+retries run out, ``CheckpointUploadGuard`` stops the run with an error that says where the
+upload went, which endpoint setting was used and how to continue (autoresume), instead of the
+upload worker's bare exception; an object that already exists is not blamed on S3.
+
+``list_objects`` and ``download_object`` serve ``cabs_streaming.runs``: autoresume lists the
+checkpoints in the bucket, and a remote checkpoint is downloaded once to be checked and loaded.
 """
 
 from __future__ import annotations

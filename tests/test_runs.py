@@ -191,3 +191,37 @@ def test_a_crafted_checkpoint_is_refused_before_it_is_unpickled(
     assert run(tmp_path, small_sample, "max_duration=3ba", "autoresume=true") == 2
     assert f"config error: checkpoint {planted} holds more" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_an_eval_set_of_other_data_is_named_in_a_warning(
+    tmp_path: Path, small_sample: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Your own data (here: the small sample under other concept names) evaluated on the
+    embedded sample's sets, as the quickstart's eval_data does: say so."""
+    from cabs_streaming.concepts import Vocabulary
+    from cabs_streaming.config import load_config
+    from cabs_streaming.train import build_run
+
+    own = tmp_path / "own"
+    shutil.copytree(small_sample, own)
+    names = Vocabulary.load(str(small_sample)).names
+    Vocabulary([f"my concept {i}" for i in range(len(names))]).save(str(own))
+    common = [f"variables.data={SAMPLE}", f"run_folder={tmp_path}/{{run_name}}"]
+    with caplog.at_level("WARNING", logger="cabs_streaming.train"):
+        build_run(load_config(QUICKSTART, [*common, f"train_data.local={own}"])).trainer.close()
+    warned = [r.getMessage() for r in caplog.records if "vocabulary differs" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert warned[0].startswith(
+        "eval_data.zeroshot evaluates on a set whose vocabulary differs from the training "
+        "data's: 20 of its 20 concepts (e.g. 'sandal', 't-shirt', 'digit nine') are not among "
+        "the 20 training concepts"
+    )
+    assert "or set eval_data.zeroshot=null to train without it" in warned[0]
+    assert warned[1].startswith("eval_data.retrieval evaluates on a set whose vocabulary")
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cabs_streaming.train"):
+        build_run(
+            load_config(QUICKSTART, [*common, "run_name=same", f"train_data.local={small_sample}"])
+        ).trainer.close()
+    assert not [r for r in caplog.records if "vocabulary differs" in r.getMessage()]

@@ -232,6 +232,10 @@ def test_composer_checkpoints_go_to_s3_and_load_back(server: S3Server, tmp_path:
 
     keys = server.keys(BUCKET, "ckpt/s3run/")
     assert {"ckpt/s3run/ep0-ba1-rank0.pt", "ckpt/s3run/ep0-ba2-rank0.pt"} <= set(keys), keys
+    # Composer's local copy (the newest only) and its staging folder live in the run folder.
+    scratch = tmp_path / "s3run" / ".checkpoints" / "rank0"
+    assert sorted(p.name for p in scratch.iterdir()) == ["checkpoints"]  # staging removed
+    assert sorted(p.name for p in (scratch / "checkpoints").glob("*.pt")) == ["ep0-ba2-rank0.pt"]
 
     # Round trip: a fresh trainer loads the last checkpoint from the bucket through Composer.
     cfg = load_config(
