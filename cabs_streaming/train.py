@@ -217,7 +217,7 @@ def _fetch_checkpoint(path: str, paths: RunPaths, trusted: bool) -> tuple[str, s
     downloaded once (into the run folder), checked and loaded from there, so what is checked is
     what Composer loads. See ``runs.check_checkpoint``.
     """
-    from cabs_streaming.runs import check_checkpoint
+    from cabs_streaming.runs import UnsafeCheckpoint, check_checkpoint
     from cabs_streaming.storage import download_object
 
     folder = None
@@ -228,7 +228,12 @@ def _fetch_checkpoint(path: str, paths: RunPaths, trusted: bool) -> tuple[str, s
         local = os.path.join(folder, os.path.basename(path))
         download_object(path, local, purpose="the checkpoint to load")
     elif "://" in path:
-        return path, None  # other stores: Composer downloads it; not checked
+        if not trusted:
+            raise UnsafeCheckpoint(
+                f"cannot check {path} before it is unpickled (only local files and s3:// are "
+                "checked); set trust_checkpoints=true if you or someone you trust wrote it"
+            )
+        return path, None  # Composer downloads it
     if not trusted:
         check_checkpoint(local)
     return local, folder
@@ -336,8 +341,14 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
     n = superbatch_per_rank(cfg.global_train_batch_size, world, cfg.filter_ratio)
     options, ignored = policy_options(cfg.selection)
 
-    resume = _decide_on_rank_zero(lambda: _prepare(cfg, paths, command))
     ours = resolvable(paths.save_folder)
+    if cfg.autoresume and not ours and not cfg.trust_checkpoints:
+        raise ConfigError(
+            f"autoresume from {paths.save_folder}: only local folders and s3:// are listed here "
+            "and their checkpoints checked before they are unpickled; set trust_checkpoints=true "
+            "to let Composer's own autoresume load from it unchecked"
+        )
+    resume = _decide_on_rank_zero(lambda: _prepare(cfg, paths, command))
     load_path = resume.path if resume else cfg.load_path
     if not ours and cfg.autoresume:
         load_path = cfg.load_path  # Composer's own autoresume reads its "latest" pointer

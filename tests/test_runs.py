@@ -225,3 +225,18 @@ def test_an_eval_set_of_other_data_is_named_in_a_warning(
             load_config(QUICKSTART, [*common, "run_name=same", f"train_data.local={small_sample}"])
         ).trainer.close()
     assert not [r for r in caplog.records if "vocabulary differs" in r.getMessage()]
+
+
+def test_checkpoints_that_cannot_be_checked_need_trust(
+    tmp_path: Path, small_sample: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(tmp_path, small_sample, "save_folder=gs://bucket/{run_name}", "autoresume=true") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: autoresume from gs://bucket/quickstart: only local")
+    assert "set trust_checkpoints=true" in err
+    assert (
+        run(tmp_path, small_sample, "run_name=other", "load_path=gs://bucket/ep0-ba1-rank0.pt") == 2
+    )
+    assert "config error: cannot check gs://bucket/ep0-ba1-rank0.pt before it is unpickled" in (
+        capsys.readouterr().err
+    )
