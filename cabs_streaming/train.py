@@ -367,9 +367,14 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
                 " and ".join(owners),
                 cfg.selection.policy,
             )
-    model = ComposerCLIP(cfg.model.name, loss=cfg.model.loss, **cfg.model.options)
-
-    dataset = ConceptStreamingDataset(**_dataset_kwargs(cfg, n))
+    try:
+        model = ComposerCLIP(cfg.model.name, loss=cfg.model.loss, **cfg.model.options)
+    except (TypeError, ValueError) as err:  # an unknown architecture or option
+        raise ConfigError(f"model: {err}") from err
+    try:
+        dataset = ConceptStreamingDataset(**_dataset_kwargs(cfg, n))
+    except (FileNotFoundError, RuntimeError, TypeError, ValueError) as err:  # no data, bad option
+        raise ConfigError(f"train_data: {err}") from err
     loader = LookaheadDataLoader(
         dataset,
         batch_size=n,

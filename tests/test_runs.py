@@ -240,3 +240,24 @@ def test_checkpoints_that_cannot_be_checked_need_trust(
     assert "config error: cannot check gs://bucket/ep0-ba1-rank0.pt before it is unpickled" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.name=ViT-Nope", "config error: model: unknown open_clip model 'ViT-Nope'"),
+        ("model.options.colour=1", "config error: model: "),
+        ("train_data.local=/nonexistent/data", "config error: train_data: "),
+    ],
+)
+def test_what_only_the_libraries_can_check_is_a_config_error_too(
+    tmp_path: Path,
+    small_sample: Path,
+    capsys: pytest.CaptureFixture[str],
+    override: str,
+    expected: str,
+) -> None:
+    assert run(tmp_path, small_sample, override) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected), err
+    assert "Traceback" not in err
