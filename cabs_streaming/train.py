@@ -239,6 +239,45 @@ def _fetch_checkpoint(path: str, paths: RunPaths, trusted: bool) -> tuple[str, s
     return local, folder
 
 
+@dataclass(frozen=True)
+class _Start:
+    """Where a run starts: the checkpoint it resumes (if any) and what Composer is told."""
+
+    resume: Checkpoint | None
+    load_path: str | None
+    composer_autoresume: bool
+    download: str | None
+    """A folder holding a downloaded checkpoint, to delete once every rank has loaded it."""
+
+
+def _start_point(cfg: RunConfig, paths: RunPaths, command: list[str] | None) -> _Start:
+    """Settle the checkpoint to load (on rank 0, for all ranks) and check it before unpickling."""
+    from composer.utils import dist
+
+    from cabs_streaming.runs import resolvable
+
+    ours = resolvable(paths.save_folder)
+    if cfg.autoresume and not ours and not cfg.trust_checkpoints:
+        raise ConfigError(
+            f"autoresume from {paths.save_folder}: only local folders and s3:// are listed here "
+            "and their checkpoints checked before they are unpickled; set trust_checkpoints=true "
+            "to let Composer's own autoresume load from it unchecked"
+        )
+    resume = _decide_on_rank_zero(lambda: _prepare(cfg, paths, command))
+    load_path = resume.path if resume else cfg.load_path
+    if not load_path:
+        return _Start(resume, None, cfg.autoresume and not ours, None)
+    trusted = cfg.trust_checkpoints
+    local, download = _decide_on_rank_zero(lambda: _fetch_checkpoint(load_path, paths, trusted))
+    single_node = dist.get_local_world_size() == dist.get_world_size()
+    return _Start(
+        resume,
+        local if single_node else load_path,
+        cfg.autoresume and not ours,
+        download,
+    )
+
+
 # ------------------------------------------------------------------------------ the run
 
 
@@ -329,7 +368,7 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
     from cabs_streaming.evaluation import build_evaluators
     from cabs_streaming.model import ComposerCLIP
     from cabs_streaming.runlog import RunLog
-    from cabs_streaming.runs import CURVES, HISTORY, SUMMARY, resolvable, save_schedule
+    from cabs_streaming.runs import CURVES, HISTORY, SUMMARY, save_schedule
     from cabs_streaming.storage import check_s3_locations, tune_checkpoint_uploads
 
     if not dist.is_initialized() and dist.get_world_size() > 1:
@@ -341,23 +380,7 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
     n = superbatch_per_rank(cfg.global_train_batch_size, world, cfg.filter_ratio)
     options, ignored = policy_options(cfg.selection)
 
-    ours = resolvable(paths.save_folder)
-    if cfg.autoresume and not ours and not cfg.trust_checkpoints:
-        raise ConfigError(
-            f"autoresume from {paths.save_folder}: only local folders and s3:// are listed here "
-            "and their checkpoints checked before they are unpickled; set trust_checkpoints=true "
-            "to let Composer's own autoresume load from it unchecked"
-        )
-    resume = _decide_on_rank_zero(lambda: _prepare(cfg, paths, command))
-    load_path = resume.path if resume else cfg.load_path
-    if not ours and cfg.autoresume:
-        load_path = cfg.load_path  # Composer's own autoresume reads its "latest" pointer
-    fetched: tuple[str, str | None] = (load_path or "", None)
-    if load_path:
-        trusted = cfg.trust_checkpoints
-        fetched = _decide_on_rank_zero(lambda: _fetch_checkpoint(load_path, paths, trusted))
-        single_node = dist.get_local_world_size() == world
-        load_path = fetched[0] if single_node else load_path
+    start = _start_point(cfg, paths, command)
 
     if dist.get_global_rank() == 0:
         for option, owners in ignored.items():
@@ -454,16 +477,16 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
         save_overwrite=cfg.save_overwrite,
         # Ours (runs.py) finds the newest complete checkpoint by listing the folder; Composer's
         # follows a pointer that lags behind it, so it is used only for stores we cannot list.
-        autoresume=cfg.autoresume and not ours,
-        load_path=load_path,
+        autoresume=start.composer_autoresume,
+        load_path=start.load_path,
         progress_bar=False,  # RunLog shows one bar for the whole run
         log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
     )
-    if fetched[1]:
+    if start.download:
         dist.barrier()  # every rank has loaded the downloaded copy
         if dist.get_global_rank() == 0:
-            shutil.rmtree(fetched[1], ignore_errors=True)
+            shutil.rmtree(start.download, ignore_errors=True)
     tune_checkpoint_uploads(
         trainer,
         cfg.save_upload_attempts,
@@ -471,7 +494,7 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
         local_folder=paths.in_run_folder(".checkpoints"),
         keep_local=cfg.save_num_checkpoints_to_keep,
     )
-    return Run(trainer=trainer, paths=paths, resumed_from=resume)
+    return Run(trainer=trainer, paths=paths, resumed_from=start.resume)
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
