@@ -62,13 +62,19 @@ def chance_levels(zeroshot: Mapping[str, int], retrieval: Mapping[str, int]) -> 
 
 
 def read_history(path: str) -> list[dict[str, Any]]:
-    """The records of ``history.jsonl`` by step, the last line of a replayed step winning."""
+    """The records of ``history.jsonl`` by step, the last line of a replayed step winning.
+
+    A line cut short by a crash (the run was killed while writing it) is passed over: its step
+    is replayed by the resumed run anyway.
+    """
     records: dict[int, dict[str, Any]] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if line.strip():
+            try:
                 record = json.loads(line)
-                records[int(record["step"])] = record
+            except json.JSONDecodeError:
+                continue
+            records[int(record["step"])] = record
     return [records[step] for step in sorted(records)]
 
 
@@ -208,6 +214,7 @@ class RunLog(LoggerDestination):
         self.stream = stream or sys.stdout
         self._pending: dict[str, Any] = {}
         self._records: list[dict[str, Any]] = []
+        self._history_opened = False
         self._step: int | None = None
         self._bar: Any = None
         self._fit_started: float | None = None
@@ -239,7 +246,12 @@ class RunLog(LoggerDestination):
         path = self.paths["history"]
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
+            with open(path, "a+", encoding="utf-8") as f:
+                if not self._history_opened and f.tell() > 0:
+                    f.seek(f.tell() - 1)
+                    if f.read(1) != "\n":  # a line cut short by a crash: end it
+                        f.write("\n")
+                self._history_opened = True
                 f.write(json.dumps(record, allow_nan=True) + "\n")
 
     # --------------------------------------------------------------------------- Composer

@@ -31,7 +31,10 @@ def test_a_replayed_step_of_a_resumed_run_counts_once_with_its_last_line(tmp_pat
         {"step": 2, "loss/train/total": 2.0, "cabs/kept_distinct": 14.0},
         {"step": 3, "loss/train/total": 1.0, "metrics/zeroshot/top1_accuracy": 0.25},
     ]
-    history.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cut = json.dumps({"step": 2, "loss/train/total": 9.0})[:12]  # killed while writing it
+    history.write_text("".join(json.dumps(line) + "\n" for line in lines[:3]) + cut + "\n")
+    with history.open("a") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines[3:]))
     records = read_history(str(history))
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     summary = summarize(
@@ -69,3 +72,15 @@ def test_a_model_meant_to_start_from_scratch_does_not_warn_about_random_weights(
     with caplog.at_level(logging.INFO):
         open_clip.create_model("cabs-tiny-clip", pretrained=None)
     assert [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+
+
+def test_a_history_line_cut_by_a_crash_does_not_swallow_the_next_one(tmp_path: Path) -> None:
+    from cabs_streaming.runlog import RunLog
+
+    history = tmp_path / "history.jsonl"
+    history.write_text(json.dumps({"step": 0, "loss/train/total": 4.0}) + '\n{"step": 1, "lo')
+    log = RunLog(run_name="r", history=str(history), progress_bar=False)
+    log._step = 1  # what before_dataloader sets in a run; the resumed run replays step 1
+    log.log_metrics({"loss/train/total": 3.0})
+    log._flush()
+    assert [r["loss/train/total"] for r in read_history(str(history))] == [4.0, 3.0]
