@@ -241,10 +241,15 @@ def test_a_checkpoint_in_the_bucket_without_its_pointer_is_resumed_from(
     assert names == [f"ep0-ba{SAVE_EVERY}-rank0.pt"], "the sequence did not happen"
     logged = len((folder / "selection.jsonl").read_text().splitlines())
 
-    status, output = train(folder, None, *s3_run(folder), cwd=tmp_path / "node-b")
+    # Resumed up to the next checkpoint only: exactness to the end is the other tests' subject.
+    end = 2 * SAVE_EVERY
+    status, output = train(
+        folder, None, *s3_run(folder), f"max_duration={end}ba", cwd=tmp_path / "node-b"
+    )
     assert status == 0, output
     steps = [json.loads(line)["step"] for line in (folder / "selection.jsonl").open()]
-    assert steps[logged:] == list(range(SAVE_EVERY, STEPS)), "not resumed from the checkpoint"
-    assert selections(folder) == selections(no_outage)
-    assert same_weights(folder, no_outage)
+    assert steps[logged:] == list(range(SAVE_EVERY, end)), "not resumed from the checkpoint"
+    expected = selections(no_outage)
+    assert selections(folder) == {step: expected[step] for step in range(end)}
+    assert f"{prefix}ep0-ba{end}-rank0.pt" in server.keys(BUCKET, prefix)
     assert not (tmp_path / "node-b" / "s3:").exists()  # Composer's autoresume made this folder
