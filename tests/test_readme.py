@@ -39,11 +39,13 @@ def shell_commands() -> list[list[str]]:
             continue
         for line in body.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
+                program = next((w for w in part.split() if "=" not in w), "")
+                if not Path(program).name.startswith(("composer", "python")):
+                    continue  # not a command: the layout's "train.py  recipe -> Trainer"
                 words = shlex.split(part, comments=True)
                 while words and "=" in words[0] and not words[0].startswith("-"):
                     words = words[1:]  # NUMBA_NUM_THREADS=1 ...
-                if words and Path(words[0]).name.startswith(("composer", "python")):
-                    commands.append(words)  # not the layout's "train.py  recipe -> Trainer"
+                commands.append(words)
     return commands
 
 
