@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
 
 __all__ = [
@@ -485,7 +484,12 @@ def parse_config(data: Mapping[str, Any]) -> RunConfig:
     return config
 
 
-def _yaml_error(path: Path, err: yaml.YAMLError) -> ConfigError:
+def _is_yaml_error(err: Exception) -> bool:
+    """PyYAML's errors (what omegaconf lets through for YAML syntax) carry ``problem``."""
+    return hasattr(err, "problem") and hasattr(err, "problem_mark")
+
+
+def _yaml_error(path: Path, err: Exception) -> ConfigError:
     """A one-line message naming the file, line and column of a YAML mistake."""
     mark = getattr(err, "problem_mark", None)
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -507,22 +511,24 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         raise ConfigError(f"config file {path} does not exist")
     try:
         base = OmegaConf.load(path)
-    except yaml.YAMLError as err:
-        raise _yaml_error(path, err) from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read {path}: {err}") from None
+    except Exception as err:  # PyYAML's, for a syntax error or a duplicate key
+        if not _is_yaml_error(err):
+            raise
+        raise _yaml_error(path, err) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. optimizer.lr=1e-4)")
     for item in overrides:
         try:
             OmegaConf.from_dotlist([item])
-        except yaml.YAMLError as err:
-            raise ConfigError(
-                f"override {item!r}: {getattr(err, 'problem', None) or err} (lists are written "
-                "[0.9,0.98], strings with spaces in quotes)"
-            ) from None
-        except Exception as err:  # a key omegaconf cannot parse
+        except Exception as err:  # a YAML value PyYAML cannot parse, or a key omegaconf cannot
+            if _is_yaml_error(err):
+                raise ConfigError(
+                    f"override {item!r}: {getattr(err, 'problem', None) or err} (lists are "
+                    "written [0.9,0.98], strings with spaces in quotes)"
+                ) from None
             raise ConfigError(f"override {item!r}: {err}") from None
     cli = OmegaConf.from_dotlist(list(overrides))
     try:
