@@ -36,11 +36,12 @@ concern. Pass ``siglip_dist_impl="bidir"`` for open_clip's own default.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
 
@@ -97,6 +98,32 @@ def register_model_configs() -> None:
 
 
 register_model_configs()
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded" record (logged on the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(expected: bool) -> Iterator[None]:
+    """Silence open_clip's warning that a model starts from random weights when that is the plan.
+
+    ``pretrained=None`` asks for random weights (every recipe here trains from scratch), so the
+    warning would only alarm; with ``pretrained`` set, a failure to load stays loud.
+    """
+    if not expected:
+        yield
+        return
+    dropper = _DropRandomInitWarning()
+    root = logging.getLogger()
+    root.addFilter(dropper)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropper)
 
 
 def _check_offline(model_name: str, pretrained: str | None) -> None:
@@ -197,15 +224,16 @@ class ComposerCLIP(ComposerModel):
         self.local_loss = local_loss
         self.siglip_dist_impl = siglip_dist_impl
         self.max_logit_scale = max_logit_scale
-        self.clip: torch.nn.Module = open_clip.create_model(
-            model_name,
-            pretrained=pretrained,
-            pretrained_image=False,  # timm / HF tower weights would be downloaded
-            pretrained_text=False,
-            force_context_length=context_length,
-            output_dict=True,
-            **create_kwargs,
-        )
+        with _quiet_random_init(expected=pretrained is None):
+            self.clip: torch.nn.Module = open_clip.create_model(
+                model_name,
+                pretrained=pretrained,
+                pretrained_image=False,  # timm / HF tower weights would be downloaded
+                pretrained_text=False,
+                force_context_length=context_length,
+                output_dict=True,
+                **create_kwargs,
+            )
         if loss == "siglip" and getattr(self.clip, "logit_bias", None) is None:
             raise ValueError(
                 f"{model_name} has no logit_bias, which SigLipLoss needs; pass "

@@ -1,12 +1,13 @@
 """Session checks and one resource fix for the test process.
 
 - The embedded sample is required by the tests, never silently replaced.
-- Shared memory left by a crashed earlier run is removed once, at the start (``streaming``'s
-  ``clean_stale_shared_memory``), and datasets are garbage-collected after every test so that a
-  fresh dataset on the same local directory can claim it. That clean-up would also remove the
-  blocks of a pytest session running beside this one, so every session holds a shared lock on
-  one file for its lifetime and cleans only when it can take that lock exclusively, i.e. when
-  no other session is running.
+- Shared memory left by a crashed earlier run is removed once, at the start (only blocks no
+  live process uses, ``shm.clean_stale_streaming_memory``: Streaming's own
+  ``clean_stale_shared_memory`` also removed the blocks of a training run going beside the
+  tests), and datasets are garbage-collected after every test so that a fresh dataset on the
+  same local directory can claim it. Every session also holds a shared lock on one file for its
+  lifetime and cleans only when it can take that lock exclusively, i.e. when no other session
+  is running.
 - Streaming 0.13 registers an ``atexit`` handler for every shared-memory block a dataset opens,
   so the handler list keeps each block (and its file descriptor) alive until the process ends:
   hundreds of datasets across the suite exhaust the 20,000 descriptors this machine allows. We
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 import streaming.base.shared.memory as streaming_memory
 from paths import SAMPLE
-from streaming.base.util import clean_stale_shared_memory
+from shm import clean_stale_streaming_memory
 
 _SESSION_LOCK = pytest.StashKey[object]()
 
@@ -43,7 +44,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     except BlockingIOError:  # another session is running: its blocks are not stale
         pass
     else:
-        clean_stale_shared_memory()
+        clean_stale_streaming_memory()
     fcntl.flock(lock, fcntl.LOCK_SH)  # held (the file stays open) until this process ends
     session.config.stash[_SESSION_LOCK] = lock
 

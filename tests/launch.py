@@ -43,6 +43,7 @@ def train(
     args = [
         f"variables.data={SAMPLE}",
         f"run_name={folder.name}",
+        f"run_folder={folder}",
         f"save_folder={folder}/checkpoints",
         f"selection.selection_log={folder}/selection.jsonl",
         f"metrics_file={folder}/metrics.json",

@@ -8,6 +8,10 @@ dies, or ``none``; rank 0 writes the final model weights to ``WEIGHTS`` when tra
 ``CABS_TEST_OUTAGE=BATCH:FOLDER`` asks the test for an S3 outage after ``BATCH`` (see
 ``OutageAfter``): rank 0 creates ``FOLDER/requested`` and waits for ``FOLDER/down`` (the test
 has stopped the server), so that the next checkpoint upload meets a server that is down.
+
+``CABS_TEST_KILL_BEFORE_POINTER=BATCH`` kills the run once the checkpoint saved after ``BATCH``
+batches is in the bucket but before Composer has uploaded its "latest" pointer (see
+``KillBeforePointer``).
 """
 
 from __future__ import annotations
@@ -72,6 +76,27 @@ class OutageAfter(Callback):
             time.sleep(0.05)
 
 
+class KillBeforePointer(Callback):
+    """SIGKILL everything when checkpoint ``batch`` is in the bucket and its pointer is not.
+
+    Composer saves at ``BATCH_CHECKPOINT`` and submits the upload of the "latest" pointer only
+    at a later ``BATCH_END``, once it has seen the checkpoint object. At the next
+    ``BATCH_START`` rank 0 waits for the upload (and for the check that sees it), so the bucket
+    holds the checkpoint, and no pointer has been submitted yet: the state of a node that died
+    between the two.
+    """
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def batch_start(self, state, logger) -> None:
+        if int(state.timestamp.batch) != self.batch or dist.get_global_rank() != 0:
+            return
+        saver = next(cb for cb in state.callbacks if isinstance(cb, CheckpointSaver))
+        saver.remote_uploader.wait()
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 def main() -> None:
     level = os.environ.get("CABS_LOG_LEVEL", "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
@@ -80,6 +105,9 @@ def main() -> None:
     trainer.state.callbacks.append(KillAfter(None if kill_at == "none" else int(kill_at)))
     if os.environ.get("CABS_TEST_OUTAGE"):
         trainer.state.callbacks.append(OutageAfter(os.environ["CABS_TEST_OUTAGE"]))
+    if os.environ.get("CABS_TEST_KILL_BEFORE_POINTER"):
+        batch = int(os.environ["CABS_TEST_KILL_BEFORE_POINTER"])
+        trainer.state.callbacks.append(KillBeforePointer(batch))
     trainer.fit()
     if dist.get_global_rank() == 0:
         torch.save(trainer.state.model.state_dict(), weights)

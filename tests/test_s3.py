@@ -217,15 +217,13 @@ def test_composer_checkpoints_go_to_s3_and_load_back(server: S3Server, tmp_path:
         "eval_data.zeroshot=null",
         "eval_data.retrieval=null",
         "train_data.num_workers=0",
-        "run_name=s3run",
         "progress_bar=false",
-        f"selection.selection_log={tmp_path}/sel.jsonl",
-        f"metrics_file={tmp_path}/m.json",
+        f"run_folder={tmp_path}/{{run_name}}",
     ]
     # No "latest" pointer: Composer uploads it from a poller that checks every 30 s, and fit
     # would wait for it (about 30 s more); the checkpoints themselves are what is checked here.
     saving = ["max_duration=2ba", f"save_folder={folder}", "save_interval=1ba"]
-    cfg = load_config(QUICKSTART, [*common, *saving, "save_latest_filename=null"])
+    cfg = load_config(QUICKSTART, [*common, "run_name=s3run", *saving, "save_latest_filename=null"])
     trainer = build_trainer(cfg)
     trainer.fit()
     trainer.close()  # waits for the uploads
@@ -234,12 +232,17 @@ def test_composer_checkpoints_go_to_s3_and_load_back(server: S3Server, tmp_path:
 
     keys = server.keys(BUCKET, "ckpt/s3run/")
     assert {"ckpt/s3run/ep0-ba1-rank0.pt", "ckpt/s3run/ep0-ba2-rank0.pt"} <= set(keys), keys
+    # Composer's local copy (the newest only) and its staging folder live in the run folder.
+    scratch = tmp_path / "s3run" / ".checkpoints" / "rank0"
+    assert sorted(p.name for p in scratch.iterdir()) == ["checkpoints"]  # staging removed
+    assert sorted(p.name for p in (scratch / "checkpoints").glob("*.pt")) == ["ep0-ba2-rank0.pt"]
 
     # Round trip: a fresh trainer loads the last checkpoint from the bucket through Composer.
     cfg = load_config(
         QUICKSTART,
         [
             *common,
+            "run_name=from-s3run",
             "max_duration=3ba",
             "save_folder=null",
             f"load_path=s3://{BUCKET}/ckpt/s3run/ep0-ba2-rank0.pt",
@@ -261,3 +264,34 @@ def test_restart_keeps_the_data(server: S3Server) -> None:
     assert server.endpoint_url == endpoint
     body = server.client().get_object(Bucket=BUCKET, Key="restart/probe")["Body"].read()
     assert body == b"kept across restarts"
+
+
+def test_an_upload_over_an_existing_checkpoint_is_not_blamed_on_s3(
+    server: S3Server, tmp_path: Path
+) -> None:
+    """Composer refuses to overwrite a checkpoint object (``save_overwrite`` false); the error
+    says that another run wrote it, not that S3 failed and autoresume will fix it."""
+    from types import SimpleNamespace
+
+    from composer.utils.remote_uploader import RemoteUploader
+
+    from cabs_streaming.storage import CheckpointUploadGuard, StorageError, _upload_on_threads
+
+    key = "taken/ep0-ba3-rank0.pt"
+    server.client().put_object(Bucket=BUCKET, Key=key, Body=b"the other run's")
+    uploader = RemoteUploader(remote_folder=f"s3://{BUCKET}/taken")
+    _upload_on_threads(uploader, 1)
+    local = tmp_path / "ep0-ba3-rank0.pt"
+    local.write_bytes(b"this run's")
+    upload = uploader.upload_file_async(key, local, overwrite=False)
+    assert isinstance(upload.exception(timeout=60), FileExistsError)
+    guard = CheckpointUploadGuard(uploader, f"s3://{BUCKET}/taken", attempts=10)
+    with pytest.raises(StorageError) as err:
+        guard.batch_end(SimpleNamespace(run_name="this-run"), None)
+    message = str(err.value)
+    assert message.startswith(f"a checkpoint of this run is already in s3://{BUCKET}/taken")
+    assert "S3 is fine; another run with the same run_name wrote there" in message
+    assert "Once S3 answers again" not in message
+    body = server.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    assert body == b"the other run's"
+    uploader.upload_executor.shutdown()

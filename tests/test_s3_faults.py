@@ -7,11 +7,15 @@
   stops with a clear error, and autoresume from the bucket, on a fresh working directory (as on
   a new node), completes it. Both end with the selection log and bitwise weights of a run that
   saw no outage.
+- A run killed when its first checkpoint is in the bucket but Composer's "latest" pointer is
+  not: autoresume continues from that checkpoint (found by listing the bucket) instead of
+  starting over and failing to upload over the existing object.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -213,3 +217,39 @@ def test_an_outage_beyond_the_retries_stops_clearly_and_autoresume_completes(
     assert second_run == list(range(OUTAGE_AFTER - SAVE_EVERY, STEPS)), "not resumed from ba3"
     assert selections(folder) == selections(no_outage)
     assert same_weights(folder, no_outage)
+
+
+# -------------------------------------------------------------------- killed mid-upload
+
+
+def test_a_checkpoint_in_the_bucket_without_its_pointer_is_resumed_from(
+    server: S3Server, no_outage: Path, tmp_path: Path
+) -> None:
+    """Killed after ``ep0-ba3-rank0.pt`` reached the bucket and before the "latest" pointer.
+
+    Composer's autoresume found no pointer, started from step 0 and at step 3 could not upload
+    ``ep0-ba3-rank0.pt`` over the object that exists; the run then blamed S3 and asked for
+    autoresume again, which looped. The bucket's own listing is what counts now.
+    """
+    folder = tmp_path / "killed_before_pointer"
+    prefix = f"checkpoints/{folder.name}/"
+    status, output = train(
+        folder, None, *s3_run(folder), env={"CABS_TEST_KILL_BEFORE_POINTER": str(SAVE_EVERY)}
+    )
+    assert status == -signal.SIGKILL, output
+    names = [k[len(prefix) :] for k in server.keys(BUCKET, prefix)]
+    assert names == [f"ep0-ba{SAVE_EVERY}-rank0.pt"], "the sequence did not happen"
+    logged = len((folder / "selection.jsonl").read_text().splitlines())
+
+    # Resumed up to the next checkpoint only: exactness to the end is the other tests' subject.
+    end = 2 * SAVE_EVERY
+    status, output = train(
+        folder, None, *s3_run(folder), f"max_duration={end}ba", cwd=tmp_path / "node-b"
+    )
+    assert status == 0, output
+    steps = [json.loads(line)["step"] for line in (folder / "selection.jsonl").open()]
+    assert steps[logged:] == list(range(SAVE_EVERY, end)), "not resumed from the checkpoint"
+    expected = selections(no_outage)
+    assert selections(folder) == {step: expected[step] for step in range(end)}
+    assert f"{prefix}ep0-ba{end}-rank0.pt" in server.keys(BUCKET, prefix)
+    assert not (tmp_path / "node-b" / "s3:").exists()  # Composer's autoresume made this folder

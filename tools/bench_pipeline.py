@@ -93,24 +93,100 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
-import psutil
-import torch
-from bench_selection import make_superbatch
-from PIL import Image, ImageEnhance
-from torch.utils.data import DataLoader, get_worker_info
+CONFIGS = ("iid", "deferred", "eager", "lookahead")
+DEFAULT_CONFIGS = ("iid", "deferred", "eager")
 
-from cabs_streaming.concepts import MDS_COLUMNS, Vocabulary, encode_concepts
-from cabs_streaming.dataset import (
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the heavy imports below so that ``--help`` needs none."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="MDS dir to create and keep, or reuse (None: a temporary dir, removed at the end)",
+    )
+    parser.add_argument("--samples", type=int, default=20_000, help="samples in the dataset")
+    parser.add_argument("--seed", type=int, default=0, help="data, shuffle, crop, selection seed")
+    parser.add_argument("--vocabulary", type=int, default=19_261, help="concept vocabulary size")
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model (transform, tokens)")
+    parser.add_argument("--kept-batch", type=int, default=256, help="trained samples per step")
+    parser.add_argument(
+        "--filter-ratio", type=float, default=0.8, help="filter ratio f of deferred/eager/lookahead"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (all configs)")
+    parser.add_argument("--prefetch", type=int, default=2, help="DataLoader prefetch_factor")
+    parser.add_argument(
+        "--decode-threads",
+        type=int,
+        default=None,
+        help="threads of the main-process decoder (deferred; None: ImageDecoder's default)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads of the main process (all configs; None: torch's default)",
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument(
+        "--configs",
+        default=",".join(DEFAULT_CONFIGS),
+        help=f"comma-separated, of {','.join(CONFIGS)}",
+    )
+    parser.add_argument(
+        "--model-step-ms",
+        type=float,
+        default=0.0,
+        help="sleep this long after each delivered batch: a stand-in GPU step (CPU free)",
+    )
+    parser.add_argument(
+        "--gen-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes generating the benchmark JPEGs (only when --data is new)",
+    )
+    parser.add_argument("--memory-interval", type=float, default=0.1, help="RSS sampling, s")
+    parser.add_argument(
+        "--pss-interval", type=float, default=0.0, help="PSS sampling, s (0: off; perturbs timing)"
+    )
+    parser.add_argument(
+        "--consume",
+        action="store_true",
+        help="read every delivered image tensor once in the main process (stands in for the "
+        "host-to-device copy of a training step)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny functional run: 240 samples, kept batch 8, 2+2 steps, 1 round",
+    )
+    return parser
+
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    build_parser().print_help()  # before torch, open_clip and friends: instant
+    sys.exit(0)
+
+import numpy as np  # noqa: E402 (after the --help shortcut above)
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from bench_selection import make_superbatch  # noqa: E402
+from PIL import Image, ImageEnhance  # noqa: E402
+from torch.utils.data import DataLoader, get_worker_info  # noqa: E402
+
+from cabs_streaming.concepts import MDS_COLUMNS, Vocabulary, encode_concepts  # noqa: E402
+from cabs_streaming.dataset import (  # noqa: E402
     CaptionTokenizer,
     ConceptCollator,
     ConceptStreamingDataset,
     LookaheadDataLoader,
 )
-from cabs_streaming.decode import ImageDecoder
-
-CONFIGS = ("iid", "deferred", "eager", "lookahead")
-DEFAULT_CONFIGS = ("iid", "deferred", "eager")
+from cabs_streaming.decode import ImageDecoder  # noqa: E402
 
 #: Photographs inside the scikit-image wheel (colour ones; no download needed).
 SKIMAGE_PHOTOS = (
@@ -835,49 +911,7 @@ class Bench:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command line; ``--smoke`` shrinks everything for a functional check."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="MDS dir to create and keep, or reuse")
-    parser.add_argument("--samples", type=int, default=20_000, help="samples in the dataset")
-    parser.add_argument("--seed", type=int, default=0, help="data, shuffle, crop, selection seed")
-    parser.add_argument("--vocabulary", type=int, default=19_261, help="concept vocabulary size")
-    parser.add_argument("--model", default="ViT-B-32", help="open_clip model (transform, tokens)")
-    parser.add_argument("--kept-batch", type=int, default=256, help="trained samples per step")
-    parser.add_argument("--filter-ratio", type=float, default=0.8, help="f of deferred/eager")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (all configs)")
-    parser.add_argument("--prefetch", type=int, default=2, help="DataLoader prefetch_factor")
-    parser.add_argument(
-        "--decode-threads", type=int, default=None,
-        help="threads of the main-process decoder (deferred); default: ImageDecoder's default",
-    )
-    parser.add_argument(
-        "--torch-threads", type=int, default=None,
-        help="torch intra-op threads of the main process (all configs); default: torch's",
-    )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    parser.add_argument(
-        "--configs", default=",".join(DEFAULT_CONFIGS),
-        help=f"comma-separated, of {','.join(CONFIGS)}",
-    )
-    parser.add_argument(
-        "--model-step-ms", type=float, default=0.0,
-        help="sleep this long after each delivered batch: a stand-in GPU step (CPU free)",
-    )
-    parser.add_argument("--gen-processes", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--memory-interval", type=float, default=0.1, help="RSS sampling, s")
-    parser.add_argument(
-        "--pss-interval", type=float, default=0.0, help="PSS sampling, s (0: off; perturbs timing)"
-    )
-    parser.add_argument(
-        "--consume", action="store_true",
-        help="read every delivered image tensor once in the main process (stands in for the "
-        "host-to-device copy of a training step)",
-    )
-    parser.add_argument(
-        "--smoke", action="store_true",
-        help="tiny functional run: 240 samples, kept batch 8, 2+2 steps, 1 round",
-    )
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.smoke:
         args.samples, args.kept_batch, args.warmup, args.steps, args.rounds = 240, 8, 2, 2, 1
