@@ -114,7 +114,8 @@ def concept_halves(train_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     from cabs_streaming.report import read_concepts
 
-    data = read_concepts(train_dir, progress=False)
+    with _streaming_setup_lock():
+        data = read_concepts(train_dir, progress=False)
     counts = np.bincount(data.ids, minlength=len(data.vocabulary)).astype(np.int64)
     order = np.lexsort((np.arange(counts.size), -counts))
     half = counts.size // 2
@@ -555,12 +556,17 @@ def run_benchmark(
     split: str = "test",
     overrides: Sequence[str] = (),
     jobs: int = 1,
+    threads: int | None = None,
     evaluations: int = 6,
     device: str | None = None,
     recipe_dir: str | os.PathLike[str] = "yamls/benchmarks",
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run ``recipes x seeds``, ``jobs`` at a time, and write results, a table and figures.
+
+    ``threads`` (default: the machine's cores over ``jobs``) is each run's torch and decoding
+    thread count on the CPU: more threads than cores in all makes every run many times slower
+    (OpenMP threads wait for each other on a busy core).
 
     Writes ``results.json`` (every run, the summary, the machine and the time taken),
     ``results.md`` (the table) and the figures of :func:`plot_results` into ``out``; each run's
@@ -578,7 +584,8 @@ def run_benchmark(
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     head, tail, counts = concept_halves(train_dir)
     cores = os.cpu_count() or 1
-    threads = None if device == "gpu" else max(1, cores // max(1, jobs))
+    if threads is None and device != "gpu":
+        threads = max(1, cores // max(1, jobs))
     specs = [
         RunSpec(
             recipe=name,
@@ -668,6 +675,7 @@ def run_benchmark(
         "figures": figures,
         "wall_s": round(time.perf_counter() - started, 1),
         "jobs": jobs,
+        "threads": threads,
         "machine": {
             "cpu_count": cores,
             "platform": platform.platform(),

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=2, help="runs side by side (CPU: one core each is best)"
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch and decoding threads per run (default: CPU cores / --jobs; keep jobs x "
+        "threads at or under the cores)",
+    )
+    parser.add_argument(
         "--evaluations", type=int, default=6, help="evaluations per run, evenly spaced"
     )
     parser.add_argument("--device", choices=("cpu", "gpu"), help="default: the recipe's")
@@ -91,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             split=args.split,
             overrides=args.overrides,
             jobs=args.jobs,
+            threads=args.threads,
             evaluations=args.evaluations,
             device=args.device,
             recipe_dir=args.recipe_dir,
