@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,7 +79,8 @@ def test_runner_trains_two_recipes_and_writes_results_table_and_figures(tmp_path
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("zero-shot top-1") == 2  # one progress line per run
+    progress = [line for line in run.stdout.splitlines() if re.match(r"\[\d/2\] ", line)]
+    assert len(progress) == 2 and all("zero-shot top-1" in line for line in progress)
     report = json.loads((out / "results.json").read_text())
     assert [r["recipe"] for r in report["runs"]] == ["iid", "cabs-dm"]
     for r in report["runs"]:

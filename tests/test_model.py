@@ -58,11 +58,13 @@ def _batch(model: ComposerCLIP, samples: list[tuple[str, bytes, str]]) -> dict:
 
 def test_tiny_architectures_ship_with_the_package_and_are_registered_on_import():
     names = sorted(p.name for p in MODEL_CONFIG_DIR.iterdir() if p.name.endswith(".json"))
-    assert names == ["cabs-tiny-clip.json", "cabs-tiny-sigmoid.json"]
-    assert {"cabs-tiny-clip", "cabs-tiny-sigmoid"} <= set(open_clip.list_models())
+    assert names == ["cabs-tiny-clip.json", "cabs-tiny-rn-clip.json", "cabs-tiny-sigmoid.json"]
+    assert {"cabs-tiny-clip", "cabs-tiny-rn-clip", "cabs-tiny-sigmoid"} <= set(
+        open_clip.list_models()
+    )
 
 
-@pytest.mark.parametrize("name", ["cabs-tiny-clip", "cabs-tiny-sigmoid"])
+@pytest.mark.parametrize("name", ["cabs-tiny-clip", "cabs-tiny-rn-clip", "cabs-tiny-sigmoid"])
 def test_tiny_architectures_use_the_offline_bpe_tokenizer(name: str):
     model = ComposerCLIP(name)
     tokens = model.tokenizer(["a photo of a sandal.", "digit nine"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from launch import selections, train
 
-STEPS = 22  # an epoch is 18 steps: 3000 samples / (2 ranks x 80 drawn)
+STEPS = 22  # an epoch is 9 steps: 3000 samples / (2 ranks x 160 drawn)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         # A checkpoint every 4 steps; killed mid-epoch at step 10, resumed from batch 8.
         ("mid_epoch", 10, ("save_interval=4ba",), ("save_interval=4ba",)),
-        # The only checkpoint is the one taken exactly at the end of epoch 0 (batch 18).
+        # The last checkpoint is the one taken exactly at the end of epoch 1 (batch 18).
         ("epoch_boundary", 20, ("save_interval=1ep",), ("save_interval=1ep",)),
         # Resumed with a different number of DataLoader workers, and decoding each step when
         # it is due instead of one step ahead (decode.lookahead, on in every other run): the

@@ -27,7 +27,7 @@ from cabs_streaming.runs import (
 from cabs_streaming.train import main
 
 QUICKSTART = ROOT / "yamls" / "quickstart.yaml"
-SAMPLES = 480  # 3 superbatches of 160 (global batch 32 at filter ratio 0.8)
+SAMPLES = 480  # 3 superbatches of 160 (global batch 32, set below, at filter ratio 0.8)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,7 @@ def run(folder: Path, data: Path, *extra: str) -> int:
             "progress_bar=false",
             "status_interval=null",
             "scheduler.t_warmup=0ba",
+            "global_train_batch_size=32",
             *extra,
         ]
     )

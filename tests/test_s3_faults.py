@@ -32,6 +32,7 @@ from cabs_streaming.train import main
 BUCKET = "faults"
 DATA = f"s3://{BUCKET}/sample/train"
 STEPS = 12
+EPOCH = 9  # steps: 3000 samples / (2 ranks x 160 drawn); batch 12 is in epoch 1
 SAVE_EVERY = 3
 OUTAGE_AFTER = 6  # checkpoint 3 and its pointer are in the bucket, 6 uploads into the outage
 
@@ -185,7 +186,9 @@ def test_a_short_outage_costs_retries_not_the_run(
     assert (folder / "outage" / "up").exists(), "the outage never happened"
     assert status == 0, output
     uploaded = server.keys(BUCKET, f"checkpoints/{folder.name}/")
-    expected = [f"ep0-ba{b}-rank0.pt" for b in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)]
+    expected = [
+        f"ep{(b - 1) // EPOCH}-ba{b}-rank0.pt" for b in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)
+    ]
     assert sorted(k.rsplit("/", 1)[-1] for k in uploaded if k.endswith(".pt")) == sorted(expected)
     assert selections(folder) == selections(no_outage)
     assert same_weights(folder, no_outage)

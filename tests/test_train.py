@@ -72,7 +72,7 @@ def test_quickstart_on_two_gloo_ranks(tmp_path):
     assert [s["step"] for s in steps] == list(range(10))
     for step in steps:
         rank0, rank1 = step["keys"]
-        assert len(rank0) == len(rank1) == 16  # 32 kept over 2 ranks
+        assert len(rank0) == len(rank1) == 32  # 64 kept over 2 ranks
         assert not set(rank0) & set(rank1)
 
     pattern = r"\[metric\]\[batch=\d+\]: loss/train/total: ([0-9.]+)"
@@ -145,13 +145,14 @@ def test_iid_at_filter_ratio_zero_equals_training_without_the_algorithm(tmp_path
     from cabs_streaming.model import ComposerCLIP
 
     model = ComposerCLIP(cfg.model.name, loss=cfg.model.loss)
+    batch = cfg.global_train_batch_size  # one process: the whole batch
     dataset = ConceptStreamingDataset(
-        local=cfg.train_data.local, batch_size=32, shuffle=True, shuffle_seed=cfg.seed,
+        local=cfg.train_data.local, batch_size=batch, shuffle=True, shuffle_seed=cfg.seed,
         caption=cfg.train_data.caption,
     )
     decoder = model.image_decoder(is_train=True, seed=cfg.seed)
     loader = DataLoader(
-        dataset, batch_size=32, drop_last=True,
+        dataset, batch_size=batch, drop_last=True,
         collate_fn=EagerCollator(decoder, model.tokenizer),
     )
     plain_recorder = LossRecorder()
@@ -165,7 +166,7 @@ def test_iid_at_filter_ratio_zero_equals_training_without_the_algorithm(tmp_path
         seed=cfg.seed,
         device="cpu",
         progress_bar=False,
-        device_train_microbatch_size=32,
+        device_train_microbatch_size=batch,
     )
     plain.fit()
     plain.close()
@@ -276,9 +277,9 @@ def test_replace_trains_on_stand_ins_and_logs_every_replacement(tmp_path, damage
     assert [r["step"] for r in records] == [0, 1, 2]
     logged = [pair for r in records for rank in r.get("replaced", []) for pair in rank]
     assert logged == [[bad, good] for _, _, bad, good in cabs.replacements]
-    assert len(logged) >= 3  # about one in nine of 3 x 32 kept samples
+    assert len(logged) >= 3  # about one in nine of the 3 x 64 kept samples
     assert {bad for bad, _ in logged} <= broken
     trained = [key for r in records for rank in r["keys"] for key in rank]
-    assert len(trained) == 3 * 32 and not broken & set(trained)
+    assert len(trained) == 3 * 64 and not broken & set(trained)
     assert {good for _, good in logged} <= set(trained)
     trainer.close()
