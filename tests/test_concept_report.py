@@ -110,6 +110,13 @@ def test_the_report_is_deterministic(report: tuple[Path, dict], tmp_path: Path) 
     assert again == summary
 
 
+def test_a_batch_size_no_superbatch_keeps_exactly_is_refused_not_rounded(tmp_path: Path) -> None:
+    # 10 / (1 - 0.7) = 33.3: a superbatch of 33 would keep 9.9, i.e. another filter ratio.
+    with pytest.raises(ValueError, match="33.3333 samples, not a whole number"):
+        concept_report(str(TRAIN), str(tmp_path), filter_ratio=0.7, batch_size=10, batches=1,
+                       progress=False)
+
+
 def test_cli_writes_the_folder_and_reports_bad_arguments(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -132,7 +139,7 @@ def test_cli_writes_the_folder_and_reports_bad_arguments(
                  "--max-samples", "100", "--no-progress"]) == 2
     assert "lower --batch-size" in capsys.readouterr().err
     assert main([str(TRAIN), "--out", str(tmp_path / "z"), "--filter-ratio", "1"]) == 2
-    assert "--filter-ratio must lie in [0, 1)" in capsys.readouterr().err
+    assert "filter_ratio must lie in [0, 1)" in capsys.readouterr().err
 
 
 def test_tools_script_runs_from_a_checkout(tmp_path: Path) -> None:
