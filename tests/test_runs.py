@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import sample_subset
 from paths import ROOT, SAMPLE
 
 from cabs_streaming.runs import (
@@ -33,18 +34,7 @@ SAMPLES = 480  # 3 superbatches of 160 (global batch 32 at filter ratio 0.8)
 @pytest.fixture(scope="module")
 def small_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 480 training samples of the embedded sample, with its vocabulary."""
-    from streaming import MDSWriter, StreamingDataset
-
-    from cabs_streaming.concepts import MDS_COLUMNS, Vocabulary
-
-    root = tmp_path_factory.mktemp("small") / "train"
-    source = StreamingDataset(local=str(SAMPLE / "train"), batch_size=1, shuffle=False)
-    with MDSWriter(out=str(root), columns=MDS_COLUMNS) as writer:
-        for i in range(SAMPLES):
-            writer.write(dict(source[i]))
-    del source
-    Vocabulary.load(str(SAMPLE / "train")).save(str(root))
-    return root
+    return sample_subset(tmp_path_factory.mktemp("small") / "train", SAMPLES)
 
 
 def run(folder: Path, data: Path, *extra: str) -> int:
@@ -60,6 +50,7 @@ def run(folder: Path, data: Path, *extra: str) -> int:
             "progress_bar=false",
             "status_interval=null",
             "scheduler.t_warmup=0ba",
+            "global_train_batch_size=32",  # 3 steps an epoch of the 480 samples
             *extra,
         ]
     )
