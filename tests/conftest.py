@@ -1,4 +1,4 @@
-"""Session checks and one resource fix for the test process.
+"""Session checks, one resource fix and the fixtures several test modules share.
 
 - The embedded sample is required by the tests, never silently replaced.
 - Shared memory left by a crashed earlier run is removed once, at the start (only blocks no
@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pytest
 import streaming.base.shared.memory as streaming_memory
+from helpers import sample_rows
 from paths import SAMPLE
+from s3server import S3Server, point_clients_at
 from shm import clean_stale_streaming_memory
 
 _SESSION_LOCK = pytest.StashKey[object]()
@@ -84,3 +86,37 @@ def _release_streaming_shared_memory() -> Iterator[None]:
 def _collect_datasets() -> Iterator[None]:
     yield
     gc.collect()  # a dataset releases its claim on its local directory in __del__
+
+
+# ------------------------------------------------------------------------------ shared fixtures
+
+
+@pytest.fixture(scope="session")
+def sample_jpegs(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    """Distinct real JPEG files: the images of the embedded sample's first training samples."""
+    rows = sample_rows(24, tmp_path_factory.mktemp("sample-cache"))
+    jpegs = list(dict.fromkeys(bytes(row["image"]) for row in rows))
+    assert len(jpegs) >= 16 and all(j[:2] == b"\xff\xd8" for j in jpegs)
+    return jpegs
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One SeaweedFS server on loopback for the session, started by the first test needing it."""
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server: S3Server) -> Iterator[S3Server]:
+    """The session's S3 server, with boto3, Streaming and Composer pointed at it in this module.
+
+    A module that stopped the server (an outage) leaves it running for the next one.
+    """
+    if not s3_server.running:
+        s3_server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        point_clients_at(s3_server, mp)
+        yield s3_server
+    if not s3_server.running:
+        s3_server.start()

@@ -8,15 +8,13 @@ keeps more concepts on 3,000 samples over 20 concepts is not).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from paths import ROOT, SAMPLE
+from paths import SAMPLE
 from streaming import StreamingDataset
 
 from cabs_streaming.concepts import Vocabulary, decode_concepts
@@ -120,11 +118,8 @@ def test_a_batch_size_no_superbatch_keeps_exactly_is_refused_not_rounded(tmp_pat
 def test_cli_writes_the_folder_and_reports_bad_arguments(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        from concept_report import main
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    from cabs_streaming.cli.report import main
+
     status = main([str(TRAIN), "--out", str(tmp_path / "r"), "--batch-size", "16", "--batches",
                    "2", "--max-samples", "400", "--no-progress"])
     printed = json.loads(capsys.readouterr().out)
@@ -140,12 +135,3 @@ def test_cli_writes_the_folder_and_reports_bad_arguments(
     assert "lower --batch-size" in capsys.readouterr().err
     assert main([str(TRAIN), "--out", str(tmp_path / "z"), "--filter-ratio", "1"]) == 2
     assert "filter_ratio must lie in [0, 1)" in capsys.readouterr().err
-
-
-def test_tools_script_runs_from_a_checkout(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "concept_report.py"), "--help"],
-        capture_output=True, text=True, check=False, cwd=tmp_path, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "--filter-ratio" in result.stdout and "s3://" in result.stdout
