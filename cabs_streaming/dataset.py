@@ -45,6 +45,7 @@ __all__ = [
     "num_samples_in_batch",
 ]
 
+
 class CaptionTokenizer:
     """A picklable, lazily built open_clip tokenizer, named rather than carried.
 

@@ -157,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command line; ``--smoke`` shrinks everything for a functional check."""
     parser = build_parser()
@@ -174,8 +173,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be positive")
     return args
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

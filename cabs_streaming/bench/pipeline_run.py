@@ -72,8 +72,18 @@ CAPTION_TEMPLATES = (
     "IMG_{n} {}",
 )
 CAPTION_FILLERS = (
-    "beautiful", "cheap", "best", "2019", "high resolution", "HD wallpaper", "near the old",
-    "with family", "in the morning light", "download", "royalty free", "on white background",
+    "beautiful",
+    "cheap",
+    "best",
+    "2019",
+    "high resolution",
+    "HD wallpaper",
+    "near the old",
+    "with family",
+    "in the morning light",
+    "download",
+    "royalty free",
+    "on white background",
 )
 
 
@@ -177,7 +187,10 @@ def make_image(seed: int, index: int) -> tuple[bytes, dict[str, Any]]:
             break
         long_side = min(LONG_SIDE[1], round(long_side * 1.2))  # too smooth to reach the size
     info = {
-        "long_side": long_side, "bytes": len(data), "quality": quality, "subsampling": subsampling,
+        "long_side": long_side,
+        "bytes": len(data),
+        "quality": quality,
+        "subsampling": subsampling,
     }
     return data, info
 
@@ -566,8 +579,9 @@ class Bench:
 
         offsets, ids = make_superbatch(0, vocabulary=self.num_concepts, world=1, per_rank=self.n)
         for policy, k in ((self.iid, self.n), (self.diversity, self.k)):
-            select(policy, offsets, ids, world=1, k=k, seed=0, step=0,
-                   num_concepts=self.num_concepts)
+            select(
+                policy, offsets, ids, world=1, k=k, seed=0, step=0, num_concepts=self.num_concepts
+            )
 
     def dataset(self, batch_size: int, round_index: int) -> ConceptStreamingDataset:
         """A fresh dataset (the previous one on this local dir must be gone)."""
@@ -604,8 +618,16 @@ class Bench:
         from cabs_streaming.selection import select
 
         offsets, ids = gather_concepts(batch["concept_offsets"], batch["concept_ids"])
-        result = select(policy, offsets, ids, world=1, k=k, seed=self.args.seed, step=step,
-                        num_concepts=self.num_concepts)
+        result = select(
+            policy,
+            offsets,
+            ids,
+            world=1,
+            k=k,
+            seed=self.args.seed,
+            step=step,
+            num_concepts=self.num_concepts,
+        )
         kept = result.for_rank(0)
         if kept.shape[0] == len(batch["keys"]) and np.array_equal(kept, np.arange(kept.shape[0])):
             return {"images": batch["images"], "text": batch["text"], "keys": batch["keys"]}
@@ -628,10 +650,17 @@ class Bench:
 
         loader = self.current_loader
         done = cabs_step(
-            batch, step, policy=self.diversity, filter_ratio=self.args.filter_ratio,
-            seed=self.args.seed, decoder=self.main_decoder, tokenizer=self.main_tokenizer,
-            num_concepts=self.num_concepts, verify=True,  # as training; a no-op on one process
-            lookahead=ahead, peek=loader.peek if loader is not None else None,
+            batch,
+            step,
+            policy=self.diversity,
+            filter_ratio=self.args.filter_ratio,
+            seed=self.args.seed,
+            decoder=self.main_decoder,
+            tokenizer=self.main_tokenizer,
+            num_concepts=self.num_concepts,
+            verify=True,  # as training; a no-op on one process
+            lookahead=ahead,
+            peek=loader.peek if loader is not None else None,
         )
         self.select_seconds += done.record.result.stats.wall_ms / 1e3  # the selection's own
         return done.batch
@@ -761,8 +790,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result = bench.run(config, r)
                 memory.label = "between"
                 rounds[config].append(result)
-                log(f"round {r + 1}/{args.rounds} {config}: {result['samples_per_s']:.1f} "
-                    f"trained samples/s")
+                log(
+                    f"round {r + 1}/{args.rounds} {config}: {result['samples_per_s']:.1f} "
+                    f"trained samples/s"
+                )
     finally:
         if memory.is_alive():
             memory.stop()
@@ -873,7 +904,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "filter_ratio": args.filter_ratio,
             "iid_filter_ratio": 0.0,
             "policies": {
-                "iid": "iid", "deferred": "diversity", "eager": "diversity",
+                "iid": "iid",
+                "deferred": "diversity",
+                "eager": "diversity",
                 "lookahead": "diversity",
             },
             "model_step_ms": args.model_step_ms,
@@ -903,4 +936,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(json.dumps(line), flush=True)
     return line
-

@@ -114,6 +114,7 @@ def run(argv: list[str] | None = None) -> dict:
     dumped: dict[str, list[list[int]]] = {}
     lengths = np.diff(offsets)
     for label, (policy, options) in POLICIES.items():
+
         def call(step: int, policy: str = policy, options: dict = options):
             return select(policy, offsets, ids, world, keep, seed=args.seed, step=step, **options)
 
@@ -134,8 +135,16 @@ def run(argv: list[str] | None = None) -> dict:
     line = {
         key: results[key]
         for key in (
-            "dm_ms", "dm_compat_ms", "fm_ms", "iid_ms", "kept", "dm_distinct",
-            "dm_compat_distinct", "fm_distinct", "iid_distinct", "fm_mean_instances",
+            "dm_ms",
+            "dm_compat_ms",
+            "fm_ms",
+            "iid_ms",
+            "kept",
+            "dm_distinct",
+            "dm_compat_distinct",
+            "fm_distinct",
+            "iid_distinct",
+            "fm_mean_instances",
             "iid_mean_instances",
         )
     }
@@ -153,4 +162,3 @@ def run(argv: list[str] | None = None) -> dict:
     if args.dump_selection:
         args.dump_selection.write_text(json.dumps(dumped))
     return line
-

@@ -44,8 +44,34 @@ from cabs_streaming.tagging import (
     normalise,
 )
 
-_ONSETS = ["b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
-           "br", "ch", "cl", "dr", "gr", "pl", "sh", "st", "tr", "th"]
+_ONSETS = [
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "ch",
+    "cl",
+    "dr",
+    "gr",
+    "pl",
+    "sh",
+    "st",
+    "tr",
+    "th",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou"]
 _CODAS = ["", "", "", "n", "r", "l", "s", "t", "m", "nd", "rk"]
 
@@ -61,8 +87,22 @@ floor room kitchen office studio isolated template design pattern texture concep
 download hd wallpaper high quality resolution 2019 2020 2021 2022 best top cute funny
 amazing great perfect simple
 """.split()
-UNICODE_WORDS = ["café", "naïve", "Zürich", "São Paulo", "crème brûlée", "façade", "résumé",
-                 "Ålesund", "piñata", "München", "jalapeño", "Øresund", "São", "déjà vu"]
+UNICODE_WORDS = [
+    "café",
+    "naïve",
+    "Zürich",
+    "São Paulo",
+    "crème brûlée",
+    "façade",
+    "résumé",
+    "Ålesund",
+    "piñata",
+    "München",
+    "jalapeño",
+    "Øresund",
+    "São",
+    "déjà vu",
+]
 UNICODE_MARKS = ["\u201c", "\u201d", "\u2014", "\u2013", "\u2019", "\u00a0", "📷", "❤️", "✨"]
 PUNCT = [",", ",", ".", " -", " |", ":", ";", "!", " &"]
 
@@ -71,7 +111,8 @@ def synthetic_word(rng: np.random.Generator) -> str:
     """A pronounceable pseudo-word of 2-3 syllables."""
     syllables = int(rng.integers(2, 4))
     return "".join(
-        _ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
+        _ONSETS[rng.integers(len(_ONSETS))]
+        + _VOWELS[rng.integers(len(_VOWELS))]
         + (_CODAS[rng.integers(len(_CODAS))] if s == syllables - 1 else "")
         for s in range(syllables)
     )
@@ -136,8 +177,9 @@ def build_captions(vocab: TaggingVocabulary, count: int, seed: int) -> tuple[lis
             words.insert(int(rng.integers(len(words) + 1)), term)
         planted += mentions
         if rng.random() < 0.1:
-            words.insert(int(rng.integers(len(words) + 1)), UNICODE_WORDS[
-                rng.integers(len(UNICODE_WORDS))])
+            words.insert(
+                int(rng.integers(len(words) + 1)), UNICODE_WORDS[rng.integers(len(UNICODE_WORDS))]
+            )
             words.append(UNICODE_MARKS[rng.integers(len(UNICODE_MARKS))])
         if rng.random() < 0.05:
             words.insert(0, f"IMG_{int(rng.integers(1000, 9999))}.jpg")
@@ -211,25 +253,28 @@ def main(argv: list[str] | None = None) -> int:
         rates.append(len(captions) / (time.perf_counter() - started))
         cpu_rates.append(len(captions) / max(time.process_time() - cpu_started, 1e-9))
         found = sum(len(r) for r in results)
-    print(json.dumps({
-        "captions_per_s": round(statistics.median(rates)),
-        "captions_per_s_runs": [round(r) for r in rates],
-        # Per second of CPU time this process got: equals captions_per_s on an idle core, and
-        # shows what the code does when other processes share the core.
-        "captions_per_cpu_s": round(statistics.median(cpu_rates)),
-        "load_average_1m": round(os.getloadavg()[0], 2),
-        "concepts": len(vocab),
-        "automaton_keys": tagger.num_forms,
-        "captions": len(captions),
-        "mean_chars": round(sum(map(len, captions)) / len(captions), 1),
-        "non_ascii_share": round(sum(not c.isascii() for c in captions) / len(captions), 3),
-        "planted_mentions_per_caption": round(planted, 3),
-        "ids_per_caption": round(found / len(captions), 3),
-        "build_s": round(build_s, 2),
-        "cpu": cpu,
-        "seed": args.seed,
-        "python": platform.python_version(),
-        "pyahocorasick": metadata.version("pyahocorasick"),
-    }))
+    print(
+        json.dumps(
+            {
+                "captions_per_s": round(statistics.median(rates)),
+                "captions_per_s_runs": [round(r) for r in rates],
+                # Per second of CPU time this process got: equals captions_per_s on an idle
+                # core, and shows what the code does when other processes share the core.
+                "captions_per_cpu_s": round(statistics.median(cpu_rates)),
+                "load_average_1m": round(os.getloadavg()[0], 2),
+                "concepts": len(vocab),
+                "automaton_keys": tagger.num_forms,
+                "captions": len(captions),
+                "mean_chars": round(sum(map(len, captions)) / len(captions), 1),
+                "non_ascii_share": round(sum(not c.isascii() for c in captions) / len(captions), 3),
+                "planted_mentions_per_caption": round(planted, 3),
+                "ids_per_caption": round(found / len(captions), 3),
+                "build_s": round(build_s, 2),
+                "cpu": cpu,
+                "seed": args.seed,
+                "python": platform.python_version(),
+                "pyahocorasick": metadata.version("pyahocorasick"),
+            }
+        )
+    )
     return 0
-

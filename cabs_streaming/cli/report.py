@@ -34,19 +34,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("dataset", help="local MDS directory or remote prefix (s3://bucket/path)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--split", help="sub-directory holding index.json")
-    parser.add_argument("--filter-ratio", type=float, default=0.8, metavar="F",
-                        help="share of each superbatch dropped (default: 0.8)")
-    parser.add_argument("--batch-size", type=int, default=256, metavar="K",
-                        help="samples kept per batch; superbatches hold K / (1 - F) "
-                        "(default: 256)")
-    parser.add_argument("--batches", type=int, default=20, metavar="N",
-                        help="superbatches to draw (default: 20)")
+    parser.add_argument(
+        "--filter-ratio",
+        type=float,
+        default=0.8,
+        metavar="F",
+        help="share of each superbatch dropped (default: 0.8)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        metavar="K",
+        help="samples kept per batch; superbatches hold K / (1 - F) (default: 256)",
+    )
+    parser.add_argument(
+        "--batches", type=int, default=20, metavar="N", help="superbatches to draw (default: 20)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the draw and the policies")
-    parser.add_argument("--concept-cap", type=int, metavar="M",
-                        help="CABS-DM per-concept cap (default: the policy's, "
-                        "max(1, round(K * 10 / 1024)); raise it for small vocabularies)")
-    parser.add_argument("--max-samples", type=int, metavar="N",
-                        help="read only the first N samples (bounds a remote download)")
+    parser.add_argument(
+        "--concept-cap",
+        type=int,
+        metavar="M",
+        help="CABS-DM per-concept cap (default: the policy's, "
+        "max(1, round(K * 10 / 1024)); raise it for small vocabularies)",
+    )
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        metavar="N",
+        help="read only the first N samples (bounds a remote download)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -71,15 +89,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cabs-report: error: {err}", file=sys.stderr)
         return 2
     policies = summary["selection"]["policies"]
-    print(json.dumps({
-        "out": str(args.out),
-        "samples": summary["samples"],
-        "concepts_seen": summary["concepts_seen"],
-        "empty_share": round(summary["empty_share"], 4),
-        "distinct_per_kept_batch": {
-            p["label"]: round(p["distinct_mean"], 2) for p in policies.values()
-        },
-        "files": summary["figures"] + ["summary.json"],
-    }))
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "samples": summary["samples"],
+                "concepts_seen": summary["concepts_seen"],
+                "empty_share": round(summary["empty_share"], 4),
+                "distinct_per_kept_batch": {
+                    p["label"]: round(p["distinct_mean"], 2) for p in policies.values()
+                },
+                "files": summary["figures"] + ["summary.json"],
+            }
+        )
+    )
     return 0
-

@@ -40,30 +40,55 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tag captions with concept ids (word boundaries, case-insensitive, plurals, "
         "synonyms, longest match first), or map detector names onto a vocabulary.",
     )
-    parser.add_argument("captions", nargs="*", metavar="CAPTION",
-                        help="captions to tag, each one argument (default: none; use --input "
-                        "for a file)")
-    parser.add_argument("--vocabulary", required=True, metavar="FILE_OR_NAME",
-                        help="one concept per line ('name: synonym, ...'), a vocabulary.json, or "
-                        "a shipped vocabulary: coco, imagenet1k (required)")
-    parser.add_argument("--input", type=Path, metavar="FILE",
-                        help="a .txt (one caption per line) or .jsonl file of captions to tag "
-                        "(default: none)")
-    parser.add_argument("--field", default="caption",
-                        help="JSONL field holding the caption (default: caption)")
-    parser.add_argument("--output", type=Path, metavar="FILE",
-                        help="write JSON lines here (default: stdout)")
-    parser.add_argument("--names", nargs="+", metavar="NAME",
-                        help="map these detector / tagger names onto the vocabulary instead of "
-                        "tagging captions (default: none)")
-    parser.add_argument("--write-vocabulary", type=Path, metavar="DIR",
-                        help="also write the vocabulary.json these ids mean into DIR "
-                        "(default: not written)")
-    parser.add_argument("--no-inflect", action="store_true",
-                        help="match names and synonyms only as written, without plural forms "
-                        "(default: plurals and inflections match too)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="hide the progress bar (default: shown on stderr)")
+    parser.add_argument(
+        "captions",
+        nargs="*",
+        metavar="CAPTION",
+        help="captions to tag, each one argument (default: none; use --input for a file)",
+    )
+    parser.add_argument(
+        "--vocabulary",
+        required=True,
+        metavar="FILE_OR_NAME",
+        help="one concept per line ('name: synonym, ...'), a vocabulary.json, or "
+        "a shipped vocabulary: coco, imagenet1k (required)",
+    )
+    parser.add_argument(
+        "--input",
+        type=Path,
+        metavar="FILE",
+        help="a .txt (one caption per line) or .jsonl file of captions to tag (default: none)",
+    )
+    parser.add_argument(
+        "--field", default="caption", help="JSONL field holding the caption (default: caption)"
+    )
+    parser.add_argument(
+        "--output", type=Path, metavar="FILE", help="write JSON lines here (default: stdout)"
+    )
+    parser.add_argument(
+        "--names",
+        nargs="+",
+        metavar="NAME",
+        help="map these detector / tagger names onto the vocabulary instead of "
+        "tagging captions (default: none)",
+    )
+    parser.add_argument(
+        "--write-vocabulary",
+        type=Path,
+        metavar="DIR",
+        help="also write the vocabulary.json these ids mean into DIR (default: not written)",
+    )
+    parser.add_argument(
+        "--no-inflect",
+        action="store_true",
+        help="match names and synonyms only as written, without plural forms "
+        "(default: plurals and inflections match too)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bar (default: shown on stderr)",
+    )
     return parser
 
 
@@ -180,4 +205,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.close()
     print(f"cabs-tag: {json.dumps(summary)}", file=sys.stderr)
     return 0
-
