@@ -98,7 +98,18 @@ def _loader(dataset: ConceptStreamingDataset, **kwargs: Any) -> DataLoader:
 
 
 def _keys(loader: DataLoader) -> list[list[str]]:
-    return [batch["keys"] for batch in loader]
+    """Every batch's keys; the loader's workers are stopped here, also when reading fails.
+
+    An iterator that raised is kept in a reference cycle by the traceback, and one collected by
+    the garbage collector costs 5 s: the collector closes its queues before its finaliser can
+    tell the workers to stop, so torch waits out its join timeout.
+    """
+    batches = iter(loader)
+    try:
+        return [batch["keys"] for batch in batches]
+    finally:
+        if hasattr(batches, "_shutdown_workers"):  # torch's own clean-up, now, not in the collector
+            batches._shutdown_workers()
 
 
 # ------------------------------------------------------------------------------------------------
