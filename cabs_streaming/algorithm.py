@@ -1,21 +1,26 @@
-"""Concept-Aware Batch Sampling as a Composer ``Algorithm``: the thin adapter of the design.
+"""Concept-Aware Batch Sampling as a Composer ``Algorithm``, and the functions of one CABS step.
 
-At ``Event.AFTER_DATALOADER`` the superbatch from ``ConceptCollator`` is on every rank. This
-module all-gathers the ragged concept ids (sizes first, then a padded payload; gloo and NCCL),
-runs the configured selection policy (a pure function of the global ids, the seed and the step,
-``cabs_streaming.selection``), keeps this rank's share, decodes and augments ONLY the kept images
-and replaces ``state.batch`` with the kept batch ``{"images", "text", "keys"}``. With
-``lookahead`` and a ``LookaheadDataLoader`` the work for step ``t + 1`` is started during step
-``t`` (selection on the main thread, decoding on a background thread), so decoding overlaps
-the model step as it does in plain training's loader workers; the batches are the same.
+At ``Event.AFTER_DATALOADER`` the superbatch from ``ConceptCollator`` is on every rank. One CABS
+step all-gathers the ragged concept ids (sizes first, then a padded payload; gloo and NCCL), runs
+the selection policy (a pure function of the global ids, the seed and the step,
+``cabs_streaming.selection``), keeps this rank's share, decodes, augments and tokenizes ONLY the
+kept samples and hands over the kept batch ``{"images", "text", "keys"}``
+(docs/design.md#deferred-decoding). With a :class:`Lookahead` and the loader's next batch the
+work for step ``t + 1`` starts during step ``t`` (selection on the calling thread, decoding on a
+background thread), so decoding overlaps the model step as it does in plain training's loader
+workers; the batches are the same (docs/design.md#lookahead).
 
-Composer counted the batch's samples before this event fired (ARCHITECTURE decision 3), so the
-sample counter and the dataset's resume position stay those of the superbatch that was drawn,
-while the model trains on the kept part. Selection lives here and never in
+Composer counted the batch's samples before this event fired, so the sample counter and the
+dataset's resume position stay those of the superbatch that was drawn, while the model trains on
+the kept part (docs/design.md#the-drawn-count). Selection lives here and never in
 ``DataSpec.batch_transforms``, which runs before the count.
 
-The functions below hold the logic (gathering, digests, building the kept batch); the class only
-stores hyper-parameters and calls them, like Composer's own algorithms.
+As in Composer's own algorithms, the module-level functions hold the logic and work without a
+``Trainer``: :func:`select_superbatch` (the collective half), :func:`decode_kept` (the
+thread-safe half), :func:`replace_undecodable`, :func:`finish_kept_batch`, :func:`kept_batch`
+(both halves for one rank's indices) and :func:`cabs_step` (a whole step, lookahead included:
+what the benchmarks call). :class:`ConceptAwareBatchSampling` only holds the hyper-parameters,
+matches the event, calls :func:`cabs_step` in ``apply`` and logs.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +41,7 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from cabs_streaming.choices import DECODE_ERROR_MODES
 from cabs_streaming.dataset import CaptionTokenizer, LookaheadDataLoader
 from cabs_streaming.decode import DecodedImage, ImageDecodeError, ImageDecoder
 from cabs_streaming.selection import (
@@ -45,49 +51,50 @@ from cabs_streaming.selection import (
     select,
     stand_ins,
 )
+from cabs_streaming.selection.sizes import check_filter_ratio, keep_per_rank
 
 __all__ = [
+    "CabsStep",
     "ConceptAwareBatchSampling",
+    "KeptBatch",
+    "Lookahead",
+    "Replacement",
     "SelectionRecord",
+    "append_selection_log",
+    "cabs_step",
+    "decode_kept",
+    "finish_kept_batch",
     "gather_concepts",
-    "keep_per_rank",
+    "kept_batch",
+    "replace_undecodable",
+    "select_superbatch",
     "selection_digest",
+    "verify_consensus",
 ]
 
 log = logging.getLogger(__name__)
 
-#: What ``on_decode_error`` accepts.
-DECODE_ERROR_MODES = ("raise", "replace")
-
 #: Keys ``ConceptCollator`` produces that selection needs.
 REQUIRED_KEYS = ("keys", "image_bytes", "concept_offsets", "concept_ids")
 
-#: A replaced image: ``(step, rank, failed key, stand-in key, why the failed one did not decode)``.
-_Replacement = tuple[int, int, str, str, str]
 
-
-def _is_superbatch(batch: Any) -> bool:
+def is_superbatch(batch: Any) -> bool:
     """Whether ``batch`` is a ``ConceptCollator`` superbatch (has what selection needs)."""
     return isinstance(batch, Mapping) and all(key in batch for key in REQUIRED_KEYS)
 
 
-def keep_per_rank(superbatch: int, filter_ratio: float) -> int:
-    """Samples kept per rank, ``superbatch * (1 - filter_ratio)``; it must be a whole number.
-
-    A fractional quota would make ranks disagree on the batch size or silently round; the error
-    says which sizes would work.
-    """
-    if not 0.0 <= filter_ratio < 1.0:
-        raise ValueError(f"filter_ratio must lie in [0, 1), got {filter_ratio}")
-    kept = superbatch * (1.0 - filter_ratio)
-    k = round(kept)
-    if k < 1 or abs(kept - k) > 1e-6:
-        raise ValueError(
-            f"a superbatch of {superbatch} per rank with filter_ratio={filter_ratio} keeps "
-            f"{kept:g} samples, not a whole number: choose the batch size so that "
-            "superbatch * (1 - filter_ratio) is an integer"
+def require_superbatch(batch: Any) -> Mapping[str, Any]:
+    """``batch``, or a ``TypeError`` saying which loader the algorithm needs."""
+    if not is_superbatch(batch):
+        found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise TypeError(
+            "ConceptAwareBatchSampling needs batches from cabs_streaming.dataset."
+            f"ConceptCollator (a dict with {list(REQUIRED_KEYS)}); got {found}"
         )
-    return k
+    return batch
+
+
+# ------------------------------------------------------------------------------ the selection
 
 
 def gather_concepts(
@@ -159,10 +166,11 @@ def verify_consensus(kept: np.ndarray, step: int, device: torch.device | str = "
 
 @dataclass(frozen=True)
 class SelectionRecord:
-    """The last selection, for callbacks that monitor concept diversity.
+    """One step's selection, for the kept batch's stand-ins and for monitoring callbacks.
 
     ``offsets``/``ids`` are the global superbatch's concept lists (rank-major CSR); ``kept`` is
     ``int64 [world, k]`` local indices per rank; ``per_rank`` the superbatch size per rank.
+    ``policy``, ``seed`` and ``num_concepts`` are what it was selected with.
     """
 
     step: int
@@ -171,12 +179,228 @@ class SelectionRecord:
     kept: np.ndarray
     per_rank: int
     result: SelectionResult
+    policy: SelectionPolicy | None = None
+    seed: int = 0
+    num_concepts: int | None = None
 
     @property
     def kept_global(self) -> np.ndarray:
         """Kept samples as global indices, ``int64 [world * k]``."""
         starts = np.arange(self.kept.shape[0], dtype=np.int64)[:, None] * self.per_rank
         return (self.kept + starts).ravel()
+
+    def stand_ins(self, rank: int) -> np.ndarray:
+        """Rank ``rank``'s unkept local indices in the policy's order of preference.
+
+        What replaces a kept image that cannot be decoded (docs/selection.md#stand-ins).
+        """
+        if self.policy is None:
+            raise ValueError("this record does not name its policy: it has no stand-in order")
+        world = self.kept.shape[0]
+        return stand_ins(
+            self.policy, self.offsets, self.ids, world, self.kept, rank, self.seed, self.step,
+            self.num_concepts,
+        )
+
+
+def select_superbatch(
+    batch: Mapping[str, Any],
+    step: int,
+    *,
+    policy: SelectionPolicy,
+    filter_ratio: float,
+    seed: int,
+    num_concepts: int | None = None,
+    verify: bool = True,
+    device: torch.device | str = "cpu",
+) -> SelectionRecord:
+    """The collective half of a step: gather every rank's ids, select, check the ranks agree.
+
+    Runs on the thread that owns the collectives, in the same order on every rank. Keeps
+    ``superbatch * (1 - filter_ratio)`` per rank, a whole number (docs/selection.md).
+    """
+    n = len(batch["keys"])
+    k = keep_per_rank(n, filter_ratio)
+    offsets, ids = gather_concepts(batch["concept_offsets"], batch["concept_ids"], device)
+    result = select(
+        policy, offsets, ids, world=dist.get_world_size(), k=k, seed=seed, step=step,
+        num_concepts=num_concepts,
+    )
+    if verify:
+        verify_consensus(result.kept, step, device)
+    return SelectionRecord(step, offsets, ids, result.kept, n, result, policy, seed, num_concepts)
+
+
+# ---------------------------------------------------------------------------- the kept batch
+
+
+class Replacement(NamedTuple):
+    """A kept image that did not decode, and the unkept sample trained on in its slot."""
+
+    step: int
+    rank: int
+    failed: str
+    stand_in: str
+    cause: str
+
+
+@dataclass
+class KeptBatch:
+    """A kept batch as :func:`decode_kept` leaves it, before :func:`finish_kept_batch`.
+
+    ``batch`` is ``{"images", "text", "keys"}``; its ``images`` is None on a GPU, where
+    ``decoded`` holds the ``uint8`` images for ``ImageDecoder.to_tensor``.
+    """
+
+    batch: dict[str, Any]
+    decoded: list[Any]
+    replacements: list[Replacement] = field(default_factory=list)
+
+
+def decode_kept(
+    batch: Mapping[str, Any],
+    kept: np.ndarray,
+    step: int,
+    rank: int,
+    *,
+    decoder: ImageDecoder,
+    tokenizer: CaptionTokenizer | None = None,
+    stand_ins: Callable[[], np.ndarray] | None = None,
+    on_decode_error: str = "raise",
+) -> KeptBatch:
+    """Decode, augment and tokenize this rank's kept samples ``kept`` (local indices).
+
+    Thread-safe: it touches no shared state, so it may run on a background thread while the
+    model trains. The train crop of slot ``i`` is seeded by ``(decoder.seed, step, rank, i)``.
+    A kept image that does not decode raises an ``ImageDecodeError`` naming the sample
+    (``on_decode_error="raise"``) or is replaced by the first decodable of ``stand_ins()``
+    (``"replace"``; see :func:`replace_undecodable`). Captions are tokenized only for the kept
+    samples (with ``tokenizer``), unless the loader already did.
+    """
+    index = kept.tolist()
+    out = decoder.output_buffer(len(index))
+    decoded = decoder.decode_pixels(
+        [batch["image_bytes"][i] for i in index], [batch["keys"][i] for i in index],
+        step=step, rank=rank, errors="return", out=out,
+    )
+    failed = [slot for slot, d in enumerate(decoded) if isinstance(d, ImageDecodeError)]
+    replaced: list[Replacement] = []
+    if failed:
+        first = decoded[failed[0]]
+        if on_decode_error == "raise" or stand_ins is None:
+            raise ImageDecodeError(
+                first.key,
+                f"{first.cause} (training step {step}, rank {rank}; with decode.on_error="
+                "replace the rank's next unkept sample would be trained on instead)",
+            )
+        replaced = replace_undecodable(
+            batch, index, decoded, failed, step, rank,
+            decoder=decoder, candidates=stand_ins().tolist(), out=out,
+        )
+    text = _kept_tokens(batch, index, tokenizer)
+    keys = [batch["keys"][i] for i in index]
+    return KeptBatch({"images": out, "text": text, "keys": keys}, decoded, replaced)
+
+
+def replace_undecodable(
+    batch: Mapping[str, Any],
+    index: list[int],
+    decoded: list[Any],
+    failed: list[int],
+    step: int,
+    rank: int,
+    *,
+    decoder: ImageDecoder,
+    candidates: Sequence[int],
+    out: torch.Tensor | None,
+) -> list[Replacement]:
+    """Fill the ``failed`` slots of ``index``/``decoded`` in place from ``candidates``, in order.
+
+    Each slot takes the first remaining candidate whose image decodes, with the failed slot's
+    augmentation seed (and its row of ``out``); a candidate that fails too is logged and passed
+    over. No candidate left is an ``ImageDecodeError`` naming the failed sample.
+    """
+    replaced = []
+    remaining = iter(candidates)
+    for slot in failed:
+        bad_key = batch["keys"][index[slot]]
+        for candidate in remaining:
+            key = batch["keys"][candidate]
+            result = decoder.decode_or_error(
+                batch["image_bytes"][candidate], key, step=step, rank=rank, index=slot,
+                row=None if out is None else out[slot],
+            )
+            if isinstance(result, DecodedImage):
+                break
+            log.warning("stand-in %r cannot be decoded either: %s", key, result)
+        else:
+            raise ImageDecodeError(
+                bad_key,
+                f"{decoded[slot].cause}; and no unkept sample of rank {rank} at step {step} "
+                "decodes to replace it",
+            )
+        replaced.append(Replacement(step, rank, bad_key, key, str(decoded[slot].cause)))
+        index[slot] = candidate
+        decoded[slot] = result
+    return replaced
+
+
+def _kept_tokens(
+    batch: Mapping[str, Any], index: list[int], tokenizer: CaptionTokenizer | None
+) -> torch.Tensor:
+    """The kept samples' tokens: the loader's when it tokenized, else ``tokenizer``'s."""
+    if "text" in batch:
+        return batch["text"][torch.as_tensor(index, dtype=torch.long)]
+    if tokenizer is not None:
+        return tokenizer([batch["captions"][i] for i in index])
+    raise ValueError(
+        "the batch has no 'text' tokens and the algorithm has no tokenizer: give the dataset a "
+        "tokenizer, or ConceptAwareBatchSampling(tokenizer=...) to tokenize only the kept "
+        "captions"
+    )
+
+
+def finish_kept_batch(kept: KeptBatch, decoder: ImageDecoder) -> dict[str, Any]:
+    """The model's batch from a :class:`KeptBatch`, on the calling thread, when it is trained on.
+
+    Puts the images on the device where :func:`decode_kept` left that to the caller, and warns
+    about each replacement (never for work that is dropped).
+    """
+    out = dict(kept.batch)
+    if out["images"] is None:
+        out["images"] = decoder.to_tensor(kept.decoded)
+    for step, rank, bad_key, key, cause in kept.replacements:
+        log.warning(
+            "step %d, rank %d: the image of kept sample %r cannot be decoded (%s); training "
+            "on %r instead (decode.on_error=replace)",
+            step, rank, bad_key, cause, key,
+        )
+    return out
+
+
+def kept_batch(
+    batch: Mapping[str, Any],
+    kept: np.ndarray,
+    step: int,
+    rank: int,
+    *,
+    decoder: ImageDecoder,
+    tokenizer: CaptionTokenizer | None = None,
+    stand_ins: Callable[[], np.ndarray] | None = None,
+    on_decode_error: str = "raise",
+) -> tuple[dict[str, Any], list[Replacement]]:
+    """The model's batch from this rank's kept local indices, and the replacements made.
+
+    :func:`decode_kept` then :func:`finish_kept_batch`, for callers without a background thread.
+    """
+    built = decode_kept(
+        batch, kept, step, rank, decoder=decoder, tokenizer=tokenizer, stand_ins=stand_ins,
+        on_decode_error=on_decode_error,
+    )
+    return finish_kept_batch(built, decoder), built.replacements
+
+
+# --------------------------------------------------------------------------------- lookahead
 
 
 @dataclass
@@ -186,19 +410,11 @@ class _Prepared:
     step: int
     keys: list[str]  # the superbatch's keys: what it was built from
     record: SelectionRecord
-    done: tuple[dict[str, Any], list[_Replacement]] | None = None
+    done: KeptBatch | None = None
     future: Future | None = None
 
-    def is_for(self, step: int, keys: Sequence[str]) -> bool:
-        """Whether this was built from ``keys`` at ``step``.
-
-        Selection and decoding are pure functions of the samples and the step, so a match
-        means the very same kept batch.
-        """
-        return self.step == step and self.keys == list(keys)
-
-    def collect(self) -> tuple[dict[str, Any], list[_Replacement]]:
-        """The kept batch and its replacements; waits for the background work, re-raising."""
+    def collect(self) -> KeptBatch:
+        """The kept batch; waits for the background work, re-raising its error."""
         if self.future is not None:
             return self.future.result()
         assert self.done is not None
@@ -210,6 +426,156 @@ class _Prepared:
             self.future.exception()  # waits; the error, if any, concerns no trained sample
 
 
+class Lookahead:
+    """One step prepared ahead of its turn: its selection done, its decoding on a thread.
+
+    Selection and decoding are pure functions of the samples and the step, so a step taken from
+    here is the very same kept batch it would have been when due.
+    """
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: _Prepared | None = None
+
+    def start(
+        self, step: int, keys: Sequence[str], record: SelectionRecord, work: Callable[[], Any]
+    ) -> None:
+        """Run ``work`` (building step ``step``'s kept batch) on the background thread."""
+        self.drop()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="cabs-lookahead")
+        self._pending = _Prepared(step, list(keys), record, future=self._executor.submit(work))
+
+    def take(self, step: int, keys: Sequence[str]) -> _Prepared | None:
+        """The step prepared from these ``keys`` at ``step``, or None (anything else is dropped)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.step == step and pending.keys == list(keys):
+            return pending
+        if pending is not None:
+            pending.discard()
+        return None
+
+    def drop(self) -> None:
+        """Forget the step being prepared (waiting for its thread first)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.discard()
+
+
+def _upcoming_superbatch(peek: Callable[[], Any] | None, device: torch.device | str) -> Any:
+    """The loader's next superbatch when every rank has one, else None (on every rank alike).
+
+    Every rank must take part in the next selection's collectives, or none.
+    """
+    upcoming = peek() if peek is not None else None
+    usable = is_superbatch(upcoming)
+    if dist.get_world_size() > 1:
+        flag = torch.tensor([1 if usable else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, reduce_operation="MIN")
+        usable = bool(flag.item())
+    return upcoming if usable else None
+
+
+# --------------------------------------------------------------------------------- one step
+
+
+@dataclass
+class CabsStep:
+    """What one CABS step produced: the model's batch and how it was chosen."""
+
+    batch: dict[str, Any]
+    """``{"images": float [k, 3, H, W], "text": int64 [k, L], "keys": list[str]}``."""
+    record: SelectionRecord
+    replacements: list[Replacement]
+    looked_ahead: bool
+    """Whether the kept batch was built in the background during the step before."""
+
+
+def cabs_step(
+    batch: Mapping[str, Any],
+    step: int,
+    *,
+    policy: SelectionPolicy,
+    filter_ratio: float,
+    seed: int,
+    decoder: ImageDecoder,
+    tokenizer: CaptionTokenizer | None = None,
+    num_concepts: int | None = None,
+    on_decode_error: str = "raise",
+    verify: bool = True,
+    device: torch.device | str = "cpu",
+    lookahead: Lookahead | None = None,
+    peek: Callable[[], Any] | None = None,
+) -> CabsStep:
+    """One CABS step on this rank's superbatch ``batch``: select, then decode only the kept.
+
+    The functional form of :class:`ConceptAwareBatchSampling` (its ``apply`` calls this), usable
+    without a ``Trainer``. With a ``lookahead``, step ``step`` is taken from it when it was
+    prepared during the step before, and ``peek()`` (the loader's next batch, e.g.
+    ``LookaheadDataLoader.peek``) is prepared as step ``step + 1``: selected now, decoded on the
+    lookahead's thread. Every rank must call it with the same arguments but its own batch.
+    """
+    batch = require_superbatch(batch)
+    rank = dist.get_global_rank()
+
+    def prepare(superbatch: Mapping[str, Any], at: int) -> tuple[SelectionRecord, Callable]:
+        record = select_superbatch(
+            superbatch, at, policy=policy, filter_ratio=filter_ratio, seed=seed,
+            num_concepts=num_concepts, verify=verify, device=device,
+        )
+
+        def work() -> KeptBatch:
+            return decode_kept(
+                superbatch, record.kept[rank], at, rank, decoder=decoder, tokenizer=tokenizer,
+                stand_ins=lambda: record.stand_ins(rank), on_decode_error=on_decode_error,
+            )
+
+        return record, work
+
+    prepared = lookahead.take(step, batch["keys"]) if lookahead is not None else None
+    if prepared is None:
+        record, work = prepare(batch, step)
+        prepared = _Prepared(step, list(batch["keys"]), record, done=work())
+    built = prepared.collect()
+    out = finish_kept_batch(built, decoder)
+    if lookahead is not None:
+        upcoming = _upcoming_superbatch(peek, device)
+        if upcoming is not None:
+            lookahead.start(step + 1, upcoming["keys"], *prepare(upcoming, step + 1))
+    return CabsStep(out, prepared.record, built.replacements, prepared.future is not None)
+
+
+def append_selection_log(
+    path: str, step: int, kept_keys: Sequence[str], replaced: Sequence[tuple[str, str]]
+) -> None:
+    """Rank 0 appends ``{"step", "keys": [[rank 0's kept keys], ...], "replaced"?}`` to ``path``.
+
+    A collective: every rank calls it with its own kept keys and ``(failed, stand-in)`` pairs.
+    """
+    every_rank = dist.all_gather_object((list(kept_keys), [list(r) for r in replaced]))
+    if dist.get_global_rank() != 0:
+        return
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    record: dict[str, Any] = {"step": step, "keys": [keys for keys, _ in every_rank]}
+    if any(pairs for _, pairs in every_rank):
+        record["replaced"] = [pairs for _, pairs in every_rank]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def collective_device(state: State) -> torch.device:
+    """Where collective tensors must live: the GPU under NCCL, the CPU otherwise."""
+    backend = state.device.dist_backend if state.device is not None else "gloo"
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------- the algorithm
+
+
 class ConceptAwareBatchSampling(Algorithm):
     """Keep the most useful ``1 - filter_ratio`` share of every superbatch, by concepts.
 
@@ -217,7 +583,8 @@ class ConceptAwareBatchSampling(Algorithm):
     concept ids, selects with ``policy`` (``"iid"``, ``"frequency"`` = CABS-FM, ``"diversity"``
     = CABS-DM, or any registered name) using ``step = state.timestamp.batch``, keeps this rank's
     share, decodes and augments only those images with ``decoder``, and sets ``state.batch`` to
-    ``{"images": float [k, 3, H, W], "text": int64 [k, L], "keys": list[str]}``.
+    ``{"images": float [k, 3, H, W], "text": int64 [k, L], "keys": list[str]}``
+    (:func:`cabs_step`).
 
     Args:
         decoder: the train-time ``ImageDecoder`` (open_clip transform of the model).
@@ -234,12 +601,10 @@ class ConceptAwareBatchSampling(Algorithm):
         num_concepts: the vocabulary size, to reject out-of-range ids early (optional).
         on_decode_error: a kept image that cannot be decoded either stops training with an
             ``ImageDecodeError`` naming the sample (``"raise"``), or is replaced by the first of
-            this rank's unkept samples, in the policy's order of preference
-            (``SelectionPolicy.reserve``), whose image decodes (``"replace"``). The stand-in
-            takes the failed sample's slot and augmentation seed, so the choice is as
-            deterministic as the selection; each replacement is logged as a warning, counted
-            in ``cabs/decode_replaced``, kept in ``replacements`` and written to the selection
-            log.
+            this rank's unkept samples, in the policy's order of preference, whose image decodes
+            (``"replace"``, docs/selection.md#stand-ins). Each replacement is logged as a
+            warning, counted in ``cabs/decode_replaced``, kept in ``replacements`` and written
+            to the selection log.
         lookahead: with a ``LookaheadDataLoader``, select step ``t + 1`` right after step
             ``t``'s batch is handed over and decode its kept images on a background thread
             while the model trains on step ``t``, as loader workers do for plain training.
@@ -250,8 +615,7 @@ class ConceptAwareBatchSampling(Algorithm):
     Example::
 
         from composer import Trainer
-        from cabs_streaming.algorithm import ConceptAwareBatchSampling
-        from cabs_streaming.decode import ImageDecoder
+        from cabs_streaming import ConceptAwareBatchSampling, ImageDecoder
 
         cabs = ConceptAwareBatchSampling(
             decoder=ImageDecoder.from_model(model.clip, is_train=True, seed=17),
@@ -275,8 +639,7 @@ class ConceptAwareBatchSampling(Algorithm):
         lookahead: bool = True,
         log_prefix: str = "cabs/",
     ) -> None:
-        if not 0.0 <= filter_ratio < 1.0:
-            raise ValueError(f"filter_ratio must lie in [0, 1), got {filter_ratio}")
+        filter_ratio = check_filter_ratio(filter_ratio)
         if on_decode_error not in DECODE_ERROR_MODES:
             raise ValueError(
                 f"on_decode_error must be one of {list(DECODE_ERROR_MODES)}, got "
@@ -290,30 +653,26 @@ class ConceptAwareBatchSampling(Algorithm):
         self.decoder = decoder
         self.filter_ratio = float(filter_ratio)
         self.seed = int(seed)
-        self.tokenizer = (
-            CaptionTokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        )
+        self.tokenizer = CaptionTokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.verify_consensus = verify_consensus
         self.selection_log = os.fspath(selection_log) if selection_log else None
         self.num_concepts = num_concepts
         self.on_decode_error = on_decode_error
         self.lookahead = lookahead
         self.log_prefix = log_prefix
-        self._pending: _Prepared | None = None
+        self._ahead = Lookahead()
         #: Steps whose kept batch was built in the background during the step before.
         self.looked_ahead = 0
-        self._executor: ThreadPoolExecutor | None = None
+        #: The last selection (for monitoring callbacks).
         self.last: SelectionRecord | None = None
-        #: ``(step, rank, failed key, stand-in key)`` for every replaced image of this process.
-        self.replacements: list[tuple[int, int, str, str]] = []
+        #: Every image of this process replaced by a stand-in.
+        self.replacements: list[Replacement] = []
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(policy={self.policy.config()!r}, "
             f"filter_ratio={self.filter_ratio}, seed={self.seed})"
         )
-
-    # ------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values only, identical on every rank (Composer saves rank 0's)."""
@@ -335,246 +694,35 @@ class ConceptAwareBatchSampling(Algorithm):
                 stacklevel=2,
             )
 
-    # ------------------------------------------------------------------------------ the event
-
     def match(self, event: Event, state: State) -> bool:
         """Run right after each training batch is drawn (and counted), and at the end of fit."""
         return event in (Event.AFTER_DATALOADER, Event.FIT_END)
 
-    def drop_lookahead(self) -> None:
-        """Forget the step being prepared in the background (waiting for its thread first)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.discard()
-
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        """Select, decode the kept images and replace ``state.batch`` with the kept batch.
+        """Replace ``state.batch`` with the kept batch of :func:`cabs_step`, and log it.
 
-        With ``lookahead``, step ``t``'s work was already done in the background during step
-        ``t - 1`` and is only collected here; then step ``t + 1``'s selection runs (its
-        collectives stay on this thread, in the same order on every rank) and its decoding is
-        started in the background. The batches are the same either way. At ``FIT_END`` a step
-        prepared beyond the end of training is dropped.
+        At ``FIT_END`` a step prepared beyond the end of training is dropped.
         """
         if event == Event.FIT_END:
-            self.drop_lookahead()
+            self._ahead.drop()
             return
-        batch = state.batch
-        if not _is_superbatch(batch):
-            found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise TypeError(
-                "ConceptAwareBatchSampling needs batches from cabs_streaming.dataset."
-                f"ConceptCollator (a dict with {list(REQUIRED_KEYS)}); got {found}"
-            )
+        loader = getattr(state, "dataloader", None)
         step = int(state.timestamp.batch)
-        device = _collective_device(state)
-        prepared, self._pending = self._pending, None
-        if prepared is None or not prepared.is_for(step, batch["keys"]):
-            if prepared is not None:
-                prepared.discard()
-            prepared = self._prepare(batch, step, device, background=False)
-        elif prepared.future is not None:
-            self.looked_ahead += 1
-        kept, replaced = prepared.collect()
-        state.batch = kept = self._settle(kept, replaced)
-        self.last = prepared.record
-        metrics = prepared.record.result.stats.as_dict(self.log_prefix)
-        metrics[f"{self.log_prefix}decode_replaced"] = float(len(replaced))
+        done = cabs_step(
+            state.batch, step, policy=self.policy, filter_ratio=self.filter_ratio,
+            seed=self.seed, decoder=self.decoder, tokenizer=self.tokenizer,
+            num_concepts=self.num_concepts, on_decode_error=self.on_decode_error,
+            verify=self.verify_consensus, device=collective_device(state),
+            lookahead=self._ahead if self.lookahead else None,
+            peek=loader.peek if isinstance(loader, LookaheadDataLoader) else None,
+        )
+        state.batch = done.batch
+        self.last = done.record
+        self.looked_ahead += done.looked_ahead
+        self.replacements += done.replacements
+        metrics = done.record.result.stats.as_dict(self.log_prefix)
+        metrics[f"{self.log_prefix}decode_replaced"] = float(len(done.replacements))
         logger.log_metrics(metrics)
         if self.selection_log:
-            self._append_log(step, kept["keys"], [r[2:4] for r in replaced])
-        if self.lookahead:
-            self._pending = self._look_ahead(state, step + 1, device)
-
-    def _prepare(
-        self, batch: Mapping[str, Any], step: int, device: torch.device, *, background: bool
-    ) -> _Prepared:
-        """Select step ``step`` (collectives, on this thread) and decode its kept images.
-
-        The decoding runs on a background thread when ``background``, else before returning.
-        """
-        rank = dist.get_global_rank()
-        world = dist.get_world_size()
-        n = len(batch["keys"])
-        k = keep_per_rank(n, self.filter_ratio)
-        offsets, ids = gather_concepts(batch["concept_offsets"], batch["concept_ids"], device)
-        result = select(
-            self.policy, offsets, ids, world=world, k=k, seed=self.seed, step=step,
-            num_concepts=self.num_concepts,
-        )
-        if self.verify_consensus:
-            verify_consensus(result.kept, step, device)
-
-        def reserve() -> np.ndarray:
-            return stand_ins(
-                self.policy, offsets, ids, world, result.kept, rank, self.seed, step,
-                self.num_concepts,
-            )
-
-        def build() -> tuple[dict[str, Any], list[_Replacement]]:
-            return self._build(batch, result.for_rank(rank), step, rank, reserve)
-
-        record = SelectionRecord(step, offsets, ids, result.kept, n, result)
-        if not background:
-            return _Prepared(step, list(batch["keys"]), record, done=build())
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="cabs-lookahead")
-        return _Prepared(step, list(batch["keys"]), record, future=self._executor.submit(build))
-
-    def _look_ahead(self, state: State, step: int, device: torch.device) -> _Prepared | None:
-        """Start step ``step`` from the loader's next batch, when every rank has one."""
-        loader = getattr(state, "dataloader", None)
-        upcoming = loader.peek() if isinstance(loader, LookaheadDataLoader) else None
-        usable = _is_superbatch(upcoming)
-        if dist.get_world_size() > 1:
-            # Every rank must take part in the selection's collectives, or none.
-            flag = torch.tensor([1 if usable else 0], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, reduce_operation="MIN")
-            usable = bool(flag.item())
-        if not usable:
-            return None
-        assert isinstance(upcoming, Mapping)
-        return self._prepare(upcoming, step, device, background=True)
-
-    def kept_batch(
-        self,
-        batch: Mapping[str, Any],
-        kept: np.ndarray,
-        *,
-        step: int,
-        rank: int,
-        reserve: Callable[[], np.ndarray] | None = None,
-    ) -> dict[str, Any]:
-        """The model's batch from this rank's kept local indices: decode and tokenize only them.
-
-        ``reserve`` gives the stand-ins for undecodable images (``on_decode_error="replace"``):
-        this rank's unkept local indices in the policy's order, computed only when needed.
-        Replacements are recorded in ``replacements``.
-        """
-        return self._settle(*self._build(batch, kept, step, rank, reserve))
-
-    def _settle(self, out: dict[str, Any], replaced: list[_Replacement]) -> dict[str, Any]:
-        """Finish a batch from :meth:`_build` on the calling thread, when it is trained on.
-
-        Puts the images on the device where ``_build`` left that to the caller, and warns
-        about and records each replacement (never for work that is dropped).
-        """
-        decoded = out.pop("decoded")
-        if out["images"] is None:
-            out["images"] = self.decoder.to_tensor(decoded)
-        for step, rank, bad_key, key, cause in replaced:
-            log.warning(
-                "step %d, rank %d: the image of kept sample %r cannot be decoded (%s); training "
-                "on %r instead (decode.on_error=replace)",
-                step, rank, bad_key, cause, key,
-            )
-            self.replacements.append((step, rank, bad_key, key))
-        return out
-
-    def _build(
-        self,
-        batch: Mapping[str, Any],
-        kept: np.ndarray,
-        step: int,
-        rank: int,
-        reserve: Callable[[], np.ndarray] | None,
-    ) -> tuple[dict[str, Any], list[_Replacement]]:
-        """Decode and tokenize the kept samples; thread-safe (it touches no shared state).
-
-        Returns the batch, whose ``images`` is None on a GPU (``decoded`` then holds the
-        ``uint8`` images for :meth:`ImageDecoder.to_tensor`, which the caller runs), and the
-        replacements as ``(step, rank, failed key, stand-in key, cause)``.
-        """
-        index = kept.tolist()
-        keys = [batch["keys"][i] for i in index]
-        out = self.decoder.output_buffer(len(index))
-        decoded = self.decoder.decode_pixels(
-            [batch["image_bytes"][i] for i in index], keys, step=step, rank=rank,
-            errors="return", out=out,
-        )
-        failed = [slot for slot, d in enumerate(decoded) if isinstance(d, ImageDecodeError)]
-        replaced: list[_Replacement] = []
-        if failed:
-            replaced = self._replace(batch, index, decoded, failed, step, rank, reserve, out)
-            keys = [batch["keys"][i] for i in index]
-        if "text" in batch:
-            text = batch["text"][torch.as_tensor(index, dtype=torch.long)]
-        elif self.tokenizer is not None:
-            text = self.tokenizer([batch["captions"][i] for i in index])
-        else:
-            raise ValueError(
-                "the batch has no 'text' tokens and the algorithm has no tokenizer: give the "
-                "dataset a tokenizer, or ConceptAwareBatchSampling(tokenizer=...) to tokenize "
-                "only the kept captions"
-            )
-        return {"images": out, "decoded": decoded, "text": text, "keys": keys}, replaced
-
-    def _replace(
-        self,
-        batch: Mapping[str, Any],
-        index: list[int],
-        decoded: list[Any],
-        failed: list[int],
-        step: int,
-        rank: int,
-        reserve: Callable[[], np.ndarray] | None,
-        out: torch.Tensor | None,
-    ) -> list[_Replacement]:
-        """Fill the failed slots of ``decoded``/``index`` in place, or raise (see the class).
-
-        Returns ``(step, rank, failed key, stand-in key, cause)`` per replaced slot.
-        """
-        first = decoded[failed[0]]
-        if self.on_decode_error == "raise" or reserve is None:
-            raise ImageDecodeError(
-                first.key,
-                f"{first.cause} (training step {step}, rank {rank}; with decode.on_error="
-                "replace the rank's next unkept sample would be trained on instead)",
-            )
-        replaced = []
-        candidates = iter(reserve().tolist())
-        for slot in failed:
-            bad_key = batch["keys"][index[slot]]
-            for candidate in candidates:
-                key = batch["keys"][candidate]
-                result = self.decoder.decode_or_error(
-                    batch["image_bytes"][candidate], key, step=step, rank=rank, index=slot,
-                    row=None if out is None else out[slot],
-                )
-                if isinstance(result, DecodedImage):
-                    break
-                log.warning("stand-in %r cannot be decoded either: %s", key, result)
-            else:
-                raise ImageDecodeError(
-                    bad_key,
-                    f"{decoded[slot].cause}; and no unkept sample of rank {rank} at step {step} "
-                    "decodes to replace it",
-                )
-            replaced.append((step, rank, bad_key, key, str(decoded[slot].cause)))
-            index[slot] = candidate
-            decoded[slot] = result
-        return replaced
-
-    def _append_log(
-        self, step: int, kept_keys: Sequence[str], replaced: Sequence[tuple[str, str]]
-    ) -> None:
-        every_rank = dist.all_gather_object((list(kept_keys), [list(r) for r in replaced]))
-        if dist.get_global_rank() != 0:
-            return
-        assert self.selection_log is not None
-        folder = os.path.dirname(self.selection_log)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        record: dict[str, Any] = {"step": step, "keys": [keys for keys, _ in every_rank]}
-        if any(pairs for _, pairs in every_rank):
-            record["replaced"] = [pairs for _, pairs in every_rank]
-        with open(self.selection_log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _collective_device(state: State) -> torch.device:
-    """Where collective tensors must live: the GPU under NCCL, the CPU otherwise."""
-    backend = state.device.dist_backend if state.device is not None else "gloo"
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+            replaced = [(r.failed, r.stand_in) for r in done.replacements]
+            append_selection_log(self.selection_log, step, done.batch["keys"], replaced)

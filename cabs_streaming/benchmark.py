@@ -21,7 +21,7 @@ evaluates instead, on the sets the recipe's ``eval_data`` names, because it need
 results (head and tail) that Composer's metrics do not keep. It decodes the evaluation images
 once, with the model's own eval transform, and scores them with the same open_clip zero-shot
 classifier (``ComposerCLIP.zeroshot_classifier``) and the same recall function
-(``cabs_streaming.evaluation.retrieval_recalls``) as the evaluators.
+(``cabs_streaming.metrics.retrieval_recalls``) as the evaluators.
 
 Choose hyper-parameters with ``--split val`` (the ``val_*`` splits) and report the test splits
 (``--split test``, the default) only for the settings chosen there.
@@ -50,7 +50,7 @@ from composer.loggers import Logger
 
 from cabs_streaming.algorithm import ConceptAwareBatchSampling
 from cabs_streaming.dataset import ConceptStreamingDataset
-from cabs_streaming.evaluation import retrieval_recalls
+from cabs_streaming.metrics import retrieval_recalls
 
 __all__ = [
     "METRICS",

@@ -19,9 +19,9 @@ import numpy as np
 VOCABULARY_FILENAME = "vocabulary.json"
 VOCABULARY_VERSION = 1
 
-#: MDS schema version 1 (see ARCHITECTURE.md). ``image`` keeps the encoded file as found so that
-#: decoding can be deferred until after selection; ``concepts`` is little-endian int32 ids (one
-#: per detected instance, possibly empty, which ``ndarray`` columns cannot hold).
+#: MDS schema version 1 (docs/design.md#mds-schema). ``image`` keeps the encoded file as found so
+#: that decoding can be deferred until after selection; ``concepts`` is little-endian int32 ids
+#: (one per detected instance, possibly empty, which ``ndarray`` columns cannot hold).
 MDS_COLUMNS: dict[str, str] = {
     "key": "str",
     "image": "bytes",

@@ -8,7 +8,8 @@ closest valid key, so a misspelt key never silently falls back to a default.
 Everything a recipe can get wrong is checked here, before the heavy stack (torch, Composer,
 open_clip) is imported: ``composer -n 2 train.py`` then fails in about a second with one
 ``config error`` instead of a traceback after the model is built. This module imports only
-omegaconf and the selection policies' registry (numpy and numba).
+omegaconf, the selection policies' registry and batch arithmetic (numpy and numba) and the
+shared ``choices``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from cabs_streaming.choices import DECODE_ERROR_MODES, LOSSES, check_caption
+from cabs_streaming.selection.sizes import check_filter_ratio
+
 __all__ = [
     "ConfigError",
     "RunConfig",
@@ -34,9 +38,6 @@ __all__ = [
     "policy_options",
 ]
 
-
-#: What ``decode.on_error`` accepts.
-DECODE_ERROR_MODES = ("raise", "replace")
 #: Composer's precisions (``composer.core.Precision``) and devices (``composer.devices``).
 PRECISIONS = ("fp32", "amp_fp16", "amp_bf16", "amp_fp8")
 DEVICES = ("cpu", "gpu", "mps", "tpu", "neuron")
@@ -400,8 +401,10 @@ def format_run_path(path: str | None, run_name: str, run_folder: str | None) -> 
 
 
 def _check_numbers(config: RunConfig) -> None:
-    if not 0.0 <= config.filter_ratio < 1.0:
-        raise ConfigError(f"filter_ratio must lie in [0, 1), got {config.filter_ratio}")
+    try:
+        check_filter_ratio(config.filter_ratio)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if config.global_train_batch_size < 1:
         raise ConfigError("global_train_batch_size must be positive")
     opt = config.optimizer
@@ -428,7 +431,7 @@ def _check_numbers(config: RunConfig) -> None:
 
 def _check_choices(config: RunConfig) -> None:
     choices: list[tuple[str, Any, Sequence[Any]]] = [
-        ("model.loss", config.model.loss, ("clip", "siglip")),
+        ("model.loss", config.model.loss, LOSSES),
         ("decode.on_error", config.decode.on_error, DECODE_ERROR_MODES),
         ("precision", config.precision, (None, *PRECISIONS)),
         ("device", config.device, (None, *DEVICES)),
@@ -446,13 +449,10 @@ def _check_choices(config: RunConfig) -> None:
                 f"unknown logger loggers.{name}{_suggest(name, LOGGER_NAMES)} (loggers: "
                 f"{', '.join(LOGGER_NAMES)})"
             )
-    caption = config.train_data.caption
-    if isinstance(caption, str) and caption not in ("caption", "recaption"):
-        raise ConfigError(
-            f"train_data.caption={caption!r}: use caption, recaption or a probability in [0, 1]"
-        )
-    if not isinstance(caption, str) and not 0.0 <= caption <= 1.0:
-        raise ConfigError(f"train_data.caption probability must lie in [0, 1], got {caption}")
+    try:
+        check_caption(config.train_data.caption)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"train_data.{err}") from None
 
 
 def _time_values(config: RunConfig) -> dict[str, str | None]:

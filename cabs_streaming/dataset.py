@@ -1,10 +1,10 @@
 """ConceptStreamingDataset: MDS schema v1 samples with encoded images, captions and concept ids.
 
-The dataset is the first stage of the CABS data flow (ARCHITECTURE.md): it hands out each sample
-with its image still ENCODED (decision 2, deferred decoding: only the images the selection policy
-keeps are ever decoded, by ``cabs_streaming.decode``), the chosen caption, optional caption tokens
-and the sample's concept ids. ``ConceptCollator`` packs a superbatch of such samples into the
-ragged concept-id form the selection engine takes.
+The dataset is the first stage of the CABS data flow (docs/design.md#the-data-flow): it hands out
+each sample with its image still ENCODED (docs/design.md#deferred-decoding: only the images the
+selection policy keeps are ever decoded, by ``cabs_streaming.decode``), the chosen caption,
+optional caption tokens and the sample's concept ids. ``ConceptCollator`` packs a superbatch of
+such samples into the ragged concept-id form the selection engine takes.
 
 Everything here is deterministic in (shuffle seed, epoch, global sample index), so a resumed run
 sees exactly the samples and captions the uninterrupted run would have seen. Nothing here imports
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from streaming import StreamingDataset
 from streaming.base.hashing import get_hash
-from streaming.base.storage import CloudDownloader
-from streaming.base.util import retry
 from torch.utils.data import DataLoader
 
+from cabs_streaming import _internals
+from cabs_streaming.choices import check_caption
 from cabs_streaming.concepts import (
     VOCABULARY_FILENAME,
     Vocabulary,
@@ -44,25 +44,6 @@ __all__ = [
     "collate_concepts",
     "num_samples_in_batch",
 ]
-
-#: Accepted values of ``caption`` besides a probability.
-CAPTION_CHOICES = ("caption", "recaption")
-
-
-def _validate_caption(caption: str | float) -> str | float:
-    """Check the ``caption`` argument early, so a typo fails at construction, not in a worker."""
-    if isinstance(caption, str):
-        if caption not in CAPTION_CHOICES:
-            raise ValueError(
-                f"caption={caption!r} is not valid: use 'caption', 'recaption' or a probability "
-                "in [0, 1] of using the recaption"
-            )
-        return caption
-    if isinstance(caption, bool) or not isinstance(caption, int | float):
-        raise TypeError(f"caption must be 'caption', 'recaption' or a float, got {caption!r}")
-    if not 0.0 <= float(caption) <= 1.0:
-        raise ValueError(f"caption probability must lie in [0, 1], got {caption}")
-    return float(caption)
 
 
 class CaptionTokenizer:
@@ -178,9 +159,9 @@ class ConceptStreamingDataset(StreamingDataset):
     The vocabulary (``vocabulary.json`` beside each stream's ``index.json``) is read from the
     stream's local directory, or downloaded there from its remote with streaming's own downloader
     (``CloudDownloader.direct_download``, with the stream's retry and timeout; streaming 0.13 has
-    no ``download_file`` function), and exposed as ``.vocabulary``. With several streams, all must
-    carry the same vocabulary, because concept ids from different streams are compared by the
-    selection policy.
+    no ``download_file`` function; see ``cabs_streaming._internals``), and exposed as
+    ``.vocabulary``. With several streams, all must carry the same vocabulary, because concept
+    ids from different streams are compared by the selection policy.
 
     Resumption is streaming's (``state_dict`` / ``load_state_dict`` on a fresh instance), with one
     fix for the state Composer saves at an epoch boundary; see ``state_dict``.
@@ -208,7 +189,8 @@ class ConceptStreamingDataset(StreamingDataset):
         context_length: int | None = None,
         **kwargs: Any,
     ) -> None:
-        self.caption = _validate_caption(caption)
+        _internals.require_dataset_hooks(StreamingDataset)
+        self.caption = check_caption(caption)  # a typo fails here, not in a loader worker
         self.tokenizer = _as_tokenizer(tokenizer, context_length)
         super().__init__(**kwargs)
         self._current_epoch: int | None = None
@@ -239,10 +221,8 @@ class ConceptStreamingDataset(StreamingDataset):
             # private name and rename atomically, so nobody reads a half-written file.
             tmp = f"{local}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
             try:
-                retry(num_attempts=max(1, stream.download_retry))(
-                    lambda: CloudDownloader.direct_download(
-                        remote, tmp, timeout=stream.download_timeout
-                    )
+                _internals.retry(num_attempts=max(1, stream.download_retry))(
+                    lambda: _internals.direct_download(remote, tmp, stream.download_timeout)
                 )()
             except Exception as err:
                 raise FileNotFoundError(
@@ -332,13 +312,11 @@ class ConceptStreamingDataset(StreamingDataset):
 
     def _shard_name(self, sample_index: int) -> str:
         """Human-readable shard path for error messages (remote if any, else local)."""
-        shard_id, _ = self.spanner[sample_index]
-        return self._shard_label(int(shard_id))
+        return self._shard_label(_internals.shard_of_sample(self, sample_index))
 
     def _shard_label(self, shard_id: int) -> str:
-        stream = self.streams[int(self.stream_per_shard[shard_id])]
-        shard = self.shards[shard_id]
-        basename = getattr(getattr(shard, "raw_data", None), "basename", f"shard {shard_id}")
+        stream = _internals.stream_of_shard(self, shard_id)
+        basename = _internals.shard_basename(self, shard_id)
         return os.path.join(self._stream_name(stream), basename)
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
@@ -361,12 +339,12 @@ class ConceptStreamingDataset(StreamingDataset):
         """
         if shard_id in self._checked_shards:
             return
-        stream = self.streams[int(self.stream_per_shard[shard_id])]
+        stream = _internals.stream_of_shard(self, shard_id)
         algo = stream.validate_hash
         if not algo:
             self._checked_shards.add(shard_id)
             return
-        for raw_info, _ in self.shards[shard_id].file_pairs:
+        for raw_info, _ in _internals.shard_files(self, shard_id):
             path = os.path.join(stream.local, stream.split or "", raw_info.basename)
             if not os.path.isfile(path):
                 return
@@ -394,10 +372,10 @@ class ConceptStreamingDataset(StreamingDataset):
         Only a cache (a stream with a remote other than its local folder) is touched, so the
         next run downloads the shard again instead of reading the bad copy unchecked.
         """
-        stream = self.streams[int(self.stream_per_shard[shard_id])]
+        stream = _internals.stream_of_shard(self, shard_id)
         if not stream.remote or os.path.realpath(stream.remote) == os.path.realpath(stream.local):
             return
-        for raw_info, zip_info in self.shards[shard_id].file_pairs:
+        for raw_info, zip_info in _internals.shard_files(self, shard_id):
             for info in (raw_info, zip_info):
                 if info is not None:
                     path = os.path.join(stream.local, stream.split or "", info.basename)
@@ -409,7 +387,7 @@ class ConceptStreamingDataset(StreamingDataset):
         error = future.exception()
         if error is not None:
             self._thread_error = error
-            self._event.set()
+            _internals.stop_dataset_threads(self)
 
     def __iter__(self) -> Any:
         """Streaming's iteration; raises a background thread's failure instead of stopping."""
@@ -423,9 +401,9 @@ class ConceptStreamingDataset(StreamingDataset):
 
     def get_item(self, idx: int, retry: int = 7) -> dict[str, Any]:
         """Sample ``idx`` (a global index) with its image still encoded; see the class docs."""
-        shard_id, _ = self.spanner[idx]
-        if int(shard_id) not in self._checked_shards:
-            self._check_shard_on_disk(int(shard_id))
+        shard_id = _internals.shard_of_sample(self, idx)
+        if shard_id not in self._checked_shards:
+            self._check_shard_on_disk(shard_id)
         raw = super().get_item(idx, retry=retry)
         key = raw["key"]
         try:
@@ -473,8 +451,7 @@ class EncodedImages:
         np.cumsum(lengths, out=offsets[1:])
         total = int(offsets[-1])
         if torch.utils.data.get_worker_info() is not None:
-            storage = torch.UntypedStorage._new_shared(total)  # as default_collate does
-            buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
+            buffer = _internals.shared_uint8_buffer(total)  # as default_collate does
         else:
             buffer = torch.empty(total, dtype=torch.uint8)
         flat = buffer.numpy()

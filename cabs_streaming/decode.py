@@ -1,6 +1,6 @@
 """Deferred image decoding: decode and transform only the images the selection policy kept.
 
-This is decision 2 of ARCHITECTURE.md: the loader hands over encoded bytes, and after selection
+This is docs/design.md#deferred-decoding: the loader hands over encoded bytes, and after selection
 ``ImageDecoder`` turns the kept ``1 - f`` share into a normalised ``float32 [n, 3, H, W]`` tensor
 with open_clip's own train or eval transform, in a thread pool (PIL releases the GIL while it
 decodes and resizes). Two things differ from calling the open_clip transform on a full decode,

@@ -1,7 +1,7 @@
 """``ComposerCLIP``: any open_clip architecture as a Composer model, with CLIP or SigLIP loss.
 
-This is the model stage of ARCHITECTURE.md. It takes the batches the CABS algorithm leaves in
-``state.batch`` and the evaluation batches built by ``cabs_streaming.evaluation``:
+This is the model stage of docs/design.md#the-data-flow. It takes the batches the CABS algorithm
+leaves in ``state.batch`` and the evaluation batches built by ``cabs_streaming.evaluation``:
 
 - training: ``{"images": float32 [k, 3, H, W], "text": int64 [k, context_length],
   "keys": list[str]}`` (images already normalised by ``ImageDecoder``);
@@ -52,9 +52,10 @@ from composer.utils import dist
 from open_clip.loss import ClipLoss, SigLipLoss
 from torchmetrics import Metric
 
+from cabs_streaming.choices import LOSSES
 from cabs_streaming.dataset import CaptionTokenizer
 from cabs_streaming.decode import ImageDecoder
-from cabs_streaming.evaluation import (
+from cabs_streaming.metrics import (
     RETRIEVAL_METRICS,
     ZEROSHOT_METRICS,
     ImageTextRetrievalScore,
@@ -73,8 +74,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Accepted values of ``loss``.
-LOSSES = ("clip", "siglip")
 #: ``SigLipLoss`` distributed implementations (see the module docs for the default).
 SIGLIP_DIST_IMPLS = ("gather", "bidir", "shift", "reduce")
 #: Folder of the architectures shipped with the package (package data).
@@ -459,7 +458,7 @@ class ComposerCLIP(ComposerModel):
         """Feed ``metric`` the outputs it measures; samples are identified by their keys.
 
         The keys let the metrics drop the samples Streaming repeats to give every rank the same
-        number (see ``cabs_streaming.evaluation``).
+        number (see ``cabs_streaming.metrics``).
         """
         ids = key_ids(batch["keys"]) if "keys" in batch else None
         if isinstance(metric, ZeroShotAccuracy):

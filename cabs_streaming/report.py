@@ -2,8 +2,8 @@
 
 CABS only helps when concept ids are there and long-tailed, and users choose a policy, a filter
 ratio and a concept cap without seeing a batch. :func:`concept_report` reads the concept column of
-an MDS dataset (local or ``s3://``) and writes a folder a person can open (ARCHITECTURE.md: "a
-run's outputs are files a person can open: JSON and PNG"):
+an MDS dataset (local or ``s3://``) and writes a folder a person can open
+(docs/design.md#files-a-person-can-open):
 
 - ``concept_frequency.png``: samples per concept by rank, log-log, head and tail named;
 - ``concepts_per_sample.png``: instances per sample, with the share of samples without concepts;
@@ -14,8 +14,8 @@ run's outputs are files a person can open: JSON and PNG"):
 - ``summary.json``: every number behind the figures.
 
 Superbatches are drawn as a shuffled loader would: ``default_rng(seed)`` permutations of the
-samples read, cut into superbatches of ``n = round(k / (1 - f))`` (a new permutation when one
-runs out). Each superbatch goes through :func:`cabs_streaming.selection.select` with
+samples read, cut into superbatches of ``n = k / (1 - f)``, a whole number (a new permutation
+when one runs out). Each superbatch goes through :func:`cabs_streaming.selection.select` with
 ``world=1``, ``step`` = its index, and the same seed for every policy, so the policies are
 compared on identical input. Only the concept column matters; images are never decoded.
 """
@@ -37,6 +37,7 @@ from tqdm import tqdm
 from cabs_streaming.concepts import Vocabulary, ragged_from_lists
 from cabs_streaming.selection import get_policy, select
 from cabs_streaming.selection.diversity import default_concept_cap
+from cabs_streaming.selection.sizes import superbatch_size
 
 __all__ = ["FIGURES", "POLICY_LABELS", "ConceptData", "concept_report", "read_concepts"]
 
@@ -202,13 +203,16 @@ def concept_report(
         progress: Show tqdm progress bars.
         data: Already-read concepts (skips reading ``dataset``, which then only names it).
     """
-    if not 0.0 <= filter_ratio < 1.0:
-        raise ValueError(f"--filter-ratio must lie in [0, 1), got {filter_ratio}")
     if batch_size < 1 or batches < 1:
         raise ValueError(f"--batch-size and --batches must be >= 1 (got {batch_size}, {batches})")
+    try:
+        superbatch = superbatch_size(batch_size, filter_ratio)  # whole, never rounded
+    except ValueError as err:
+        raise ValueError(
+            f"--batch-size {batch_size}, --filter-ratio {filter_ratio}: {err}"
+        ) from None
     if data is None:
         data = read_concepts(dataset, split=split, max_samples=max_samples, progress=progress)
-    superbatch = round(batch_size / (1.0 - filter_ratio))
     if superbatch > data.samples:
         raise ValueError(
             f"a superbatch of {superbatch} samples (--batch-size {batch_size} at --filter-ratio "

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from cabs_streaming import _internals
 from cabs_streaming.config import ConfigError, RunConfig, format_run_path
 
 __all__ = [
@@ -191,9 +192,8 @@ def save_schedule(interval: str) -> Callable[[Any, Any], bool]:
     step, same state otherwise; only where in the epoch bookkeeping the save happens.
     """
     from composer.core import Event
-    from composer.utils.misc import create_interval_scheduler
 
-    due = create_interval_scheduler(interval, checkpoint_events=True)
+    due = _internals.create_interval_scheduler(interval, checkpoint_events=True)
     deferred = False
 
     def schedule(state: Any, event: Any) -> bool:
@@ -299,11 +299,8 @@ def _composer_state_globals() -> list[Any]:
     import numpy as np
     from torch.torch_version import TorchVersion
 
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    return [datetime.timedelta, TorchVersion, _reconstruct, np.ndarray, np.dtype, *_uint_dtypes()]
+    reconstruct = _internals.numpy_reconstruct()
+    return [datetime.timedelta, TorchVersion, reconstruct, np.ndarray, np.dtype, *_uint_dtypes()]
 
 
 def _uint_dtypes() -> list[Any]:

@@ -38,6 +38,8 @@ from composer.callbacks import CheckpointSaver
 from composer.core import Callback, State
 from composer.loggers import Logger
 
+from cabs_streaming import _internals
+
 __all__ = [
     "CheckpointUploadGuard",
     "StorageError",
@@ -303,20 +305,14 @@ class UploadScratch(Callback):
 
 def _move_scratch(saver: CheckpointSaver, folder: str, keep_local: int) -> None:
     """Point ``saver``'s local copies and its uploader's staging at ``folder`` (emptied first)."""
-    uploader = saver.remote_uploader
-    old_local = saver.folder
     shutil.rmtree(folder, ignore_errors=True)
     local, staging = os.path.join(folder, "checkpoints"), os.path.join(folder, "staging")
     os.makedirs(local, exist_ok=True)
     os.makedirs(staging, exist_ok=True)
-    saver.folder = local
-    saver.filename.folder = local
-    if saver.latest_filename is not None:
-        saver.latest_filename.folder = local
     # Only the newest local copy: the bucket keeps them all (Composer keeps every local one).
-    saver.num_checkpoints_to_keep = keep_local if keep_local >= 0 else 1
-    uploader._tempdir.cleanup()
-    uploader._upload_staging_folder = staging
+    old_local = _internals.set_checkpoint_scratch(
+        saver, local, staging, keep_local if keep_local >= 0 else 1
+    )
     if old_local.startswith(tempfile.gettempdir()) and os.path.isdir(old_local):
         with contextlib.suppress(OSError):  # only empty folders; something else may be there
             os.removedirs(old_local)
@@ -337,8 +333,8 @@ def tune_checkpoint_uploads(
     for other stores Composer's own retry loop gets the same number. A
     :class:`CheckpointUploadGuard` goes first in the callbacks, so an upload that still fails
     stops the run with a clear error. Returns whether the trainer uploads checkpoints at all (a
-    remote ``save_folder``). Fails loudly if Composer's internals moved, rather than silently
-    keeping its defaults.
+    remote ``save_folder``). Fails loudly (``InternalsMoved``) if Composer's internals moved,
+    rather than silently keeping its defaults.
 
     Composer uploads from process pools it spawns at the first save; a spawned process that
     imports Composer took 50 s on a busy 2-core machine, so the first checkpoint reached the
@@ -359,27 +355,10 @@ def tune_checkpoint_uploads(
     savers = [cb for cb in trainer.state.callbacks if isinstance(cb, CheckpointSaver)]
     uploaders = [s for s in savers if getattr(s, "remote_uploader", None) is not None]
     for saver in uploaders:
+        _internals.require_saver(saver)
         uploader = saver.remote_uploader
-        needed = (
-            "num_attempts",
-            "backend_kwargs",
-            "_tempdir",
-            "_upload_staging_folder",
-            "upload_executor",
-            "check_remote_files_exist_executor",
-        )
-        if not all(hasattr(uploader, a) for a in needed) or not hasattr(
-            saver, "_symlink_upload_wait_before_next_try_in_seconds"
-        ):
-            raise RuntimeError(
-                "this Composer version's CheckpointSaver has no num_attempts / backend_kwargs / "
-                "staging folder / executors / symlink poll settings; pin mosaicml==0.32.1"
-            )
-        uploader.num_attempts = attempts
-        if uploader.remote_backend_name == "s3":
-            client_config = uploader.backend_kwargs.setdefault("client_config", {})
-            client_config["retries"] = {"mode": "standard", "max_attempts": attempts}
-        saver._symlink_upload_wait_before_next_try_in_seconds = float(latest_poll_s)
+        _internals.set_upload_attempts(uploader, attempts)
+        _internals.set_latest_poll(saver, latest_poll_s)
         trainer.state.callbacks.insert(
             0, CheckpointUploadGuard(uploader, uploader.remote_folder, attempts)
         )
@@ -398,10 +377,8 @@ def _upload_on_threads(uploader: Any, concurrent: int) -> None:
     store and call it, so they run unchanged on a thread; ``submit``, ``done``, ``exception``
     and ``shutdown`` are the same calls on both kinds of executor.
     """
-    pools = ("upload_executor", "check_remote_files_exist_executor")
-    for name, size, prefix in zip(
-        pools, (concurrent, 2), ("ckpt-upload", "ckpt-check"), strict=True
-    ):
-        old = getattr(uploader, name)
-        setattr(uploader, name, ThreadPoolExecutor(max_workers=size, thread_name_prefix=prefix))
-        old.shutdown(wait=False)  # nothing was submitted yet, so no process was started
+    _internals.replace_upload_pools(
+        uploader,
+        ThreadPoolExecutor(max_workers=concurrent, thread_name_prefix="ckpt-upload"),
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-check"),
+    )

@@ -2,8 +2,7 @@
 
 CABS needs concept ids on every sample. DataConcept-style data brings detector outputs (names per
 box); most image-text data brings only a caption. This module gives both a path, and
-``tools/convert_to_mds.py`` (``--tag-captions``, ``--tagger``) and ``tools/tag_concepts.py`` are
-thin commands over it.
+``cabs-convert`` (``--tag-captions``, ``--tagger``) and ``cabs-tag`` are thin commands over it.
 
 Vocabulary files
 ----------------
@@ -58,6 +57,7 @@ leftmost-longest choice is a sort of a few tuples. ``tools/bench_tagging.py`` me
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -69,6 +69,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import ModuleType
 
 import ahocorasick
 
@@ -620,8 +621,8 @@ Tagger = Callable[[bytes, str], Sequence[str]]
 def load_tagger(spec: str) -> Tagger:
     """Import ``module:function`` or ``path/to/file.py:function`` and return the function.
 
-    The module is imported as ``python -m`` would, with the current directory on ``sys.path``.
-    Errors are ``ValueError`` naming the spec and what to fix.
+    A module is found as ``python -m`` would find it, in the current directory first
+    (:func:`import_from_cwd`). Errors are ``ValueError`` naming the spec and what to fix.
     """
     module_name, colon, function_name = spec.rpartition(":")
     if not colon or not module_name or not function_name:
@@ -642,9 +643,7 @@ def load_tagger(spec: str) -> Tagger:
             module = importlib.util.module_from_spec(import_spec)
             import_spec.loader.exec_module(module)
         else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(module_name)
+            module = import_from_cwd(module_name)
     except Exception as err:
         raise ValueError(
             f"--tagger {spec!r}: cannot import {module_name!r} ({type(err).__name__}: {err}); "
@@ -659,6 +658,27 @@ def load_tagger(spec: str) -> Tagger:
             f"{type(function).__name__}, not a function (image_bytes, caption) -> names"
         )
     return function
+
+
+def import_from_cwd(name: str) -> ModuleType:
+    """Import ``name``, looking in the current directory first, as ``python -m`` does.
+
+    Without editing ``sys.path``: when the top-level package of ``name`` is not imported yet and
+    the current directory holds it, it is loaded from there and registered in ``sys.modules``,
+    so its submodules import as usual; otherwise the normal import path decides.
+    """
+    top = name.partition(".")[0]
+    if top not in sys.modules:
+        found = importlib.machinery.PathFinder.find_spec(top, [os.getcwd()])
+        if found is not None and found.loader is not None:
+            module = importlib.util.module_from_spec(found)
+            sys.modules[top] = module
+            try:
+                found.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[top]
+                raise
+    return importlib.import_module(name)
 
 
 def check_tagger_output(spec: str, label: str, names: object) -> list[str]:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cabs_streaming.config import ConfigError, RunConfig, load_config, policy_options
 from cabs_streaming.runs import Checkpoint, RunPaths
+from cabs_streaming.selection.sizes import superbatch_per_rank
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +46,6 @@ __all__ = [
     "build_trainer",
     "main",
     "s3_locations",
-    "superbatch_per_rank",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,32 +62,6 @@ def _loggers() -> dict[str, type]:
         "wandb": WandBLogger,
         "mlflow": MLFlowLogger,
     }
-
-
-def superbatch_per_rank(global_batch: int, world: int, filter_ratio: float) -> int:
-    """Per-rank superbatch ``n = global_batch / (world * (1 - f))``; must be a whole number.
-
-    The kept per-rank batch ``global_batch / world`` must be whole too. Errors name working
-    alternatives, because a silently rounded superbatch would change the filter ratio.
-    """
-    from cabs_streaming.algorithm import keep_per_rank
-
-    if global_batch % world:
-        raise ConfigError(
-            f"global_train_batch_size={global_batch} does not divide over {world} ranks"
-        )
-    kept = global_batch // world
-    exact = kept / (1.0 - filter_ratio)
-    n = round(exact)
-    if abs(exact - n) > 1e-6:
-        raise ConfigError(
-            f"global_train_batch_size={global_batch} on {world} rank(s) with filter_ratio="
-            f"{filter_ratio} needs a superbatch of {exact:g} samples per rank, not a whole "
-            f"number; choose a batch size whose per-rank share {kept} divided by "
-            f"(1 - filter_ratio) = {1 - filter_ratio:g} is an integer"
-        )
-    keep_per_rank(n, filter_ratio)  # the algorithm's own check, for the same numbers
-    return n
 
 
 def _dataset_kwargs(cfg: RunConfig, batch_size: int) -> dict[str, Any]:
@@ -377,7 +351,10 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
     paths = RunPaths.of(cfg, _run_name(cfg))
     check_s3_locations(s3_locations(cfg, paths))  # one clear error now, not many late ones
     world = dist.get_world_size()
-    n = superbatch_per_rank(cfg.global_train_batch_size, world, cfg.filter_ratio)
+    try:
+        n = superbatch_per_rank(cfg.global_train_batch_size, world, cfg.filter_ratio)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     options, ignored = policy_options(cfg.selection)
 
     start = _start_point(cfg, paths, command)

@@ -1,5 +1,9 @@
 """Run the quickstart recipe on two gloo ranks with the real ``composer`` launcher, for the
 resumption and fault tests, and read back the selection log it writes.
+
+Those tests train on the first ``SUBSET`` samples of the embedded sample with 32 kept per step,
+so that an epoch is ``EPOCH_STEPS`` steps and a run crosses an epoch boundary in ``STEPS``; the
+uninterrupted run they all compare with is trained once per session (``conftest.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,17 @@ from paths import ROOT, SAMPLE
 RUN = Path(__file__).with_name("resume_run.py")
 QUICKSTART = ROOT / "yamls" / "quickstart.yaml"
 COMPOSER = Path(sys.executable).with_name("composer")
+
+#: Samples of the training data (a superbatch is 2 ranks x 80 drawn: 5 steps an epoch).
+SUBSET = 800
+EPOCH_STEPS = 5
+#: Steps of every run unless it says otherwise: one epoch boundary, after step 4.
+STEPS = 9
+
+
+def checkpoint_name(batch: int) -> str:
+    """Composer's name of rank 0's checkpoint after ``batch`` steps (not at an epoch's end)."""
+    return f"ep{(batch - 1) // EPOCH_STEPS}-ba{batch}-rank0.pt"
 
 
 def train(
@@ -42,6 +57,8 @@ def train(
     cwd.mkdir(parents=True, exist_ok=True)
     args = [
         f"variables.data={SAMPLE}",
+        "global_train_batch_size=32",
+        f"max_duration={STEPS}ba",
         f"run_name={folder.name}",
         f"run_folder={folder}",
         f"save_folder={folder}/checkpoints",

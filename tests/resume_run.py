@@ -28,6 +28,7 @@ from composer import Callback
 from composer.callbacks import CheckpointSaver
 from composer.utils import dist
 
+from cabs_streaming._internals import wait_for_checkpoint_uploads
 from cabs_streaming.config import load_config
 from cabs_streaming.train import build_trainer
 
@@ -63,9 +64,7 @@ class OutageAfter(Callback):
         if int(state.timestamp.batch) != self.batch or dist.get_global_rank() != 0:
             return
         saver = next(cb for cb in state.callbacks if isinstance(cb, CheckpointSaver))
-        saver.remote_uploader.wait()
-        for check, _, _ in saver.symlink_upload_tasks:
-            check.result()
+        wait_for_checkpoint_uploads(saver)
         saver.batch_end(state, logger)  # now uploads the pointer to the newest checkpoint
         saver.remote_uploader.wait()
         (self.folder / "requested").touch()

@@ -1,4 +1,4 @@
-"""A slow, literal transcription of CABS_SPEC, the oracle for the fast selection engine.
+"""A slow, literal transcription of docs/selection.md, the oracle for the fast selection engine.
 
 Plain Python lists and dicts, an O(N^2) greedy that recomputes every gain at every step, and no
 shared code with ``cabs_streaming.selection`` beyond numpy's Generator. Floating-point sums are

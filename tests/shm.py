@@ -16,11 +16,11 @@ import os
 import re
 from pathlib import Path
 
-from streaming.base.constant import SHM_TO_CLEAN
+from cabs_streaming._internals import shared_memory_names
 
 SHM_ROOT = Path("/dev/shm")
 #: Streaming's block names: a six-digit prefix and one of its shared-memory names.
-STREAMING_BLOCK = re.compile(r"^\d{6}_(" + "|".join(map(re.escape, SHM_TO_CLEAN)) + r")$")
+STREAMING_BLOCK = re.compile(r"^\d{6}_(" + "|".join(map(re.escape, shared_memory_names())) + r")$")
 
 
 def blocks_in_use() -> set[str]:

@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import noise_jpeg
 
 from cabs_streaming.algorithm import (
     ConceptAwareBatchSampling,
+    Lookahead,
+    Replacement,
+    cabs_step,
     gather_concepts,
-    keep_per_rank,
+    kept_batch,
     selection_digest,
 )
-from cabs_streaming.config import ConfigError
-from cabs_streaming.dataset import ConceptCollator
+from cabs_streaming.dataset import CaptionTokenizer, ConceptCollator
 from cabs_streaming.decode import ImageDecodeError, ImageDecoder
-from cabs_streaming.train import superbatch_per_rank
-
-
-def jpeg(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = (rng.random((48, 40, 3)) * 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
-    return out.getvalue()
+from cabs_streaming.selection import get_policy
 
 
 def superbatch(concepts: list[list[int]], broken: tuple[int, ...] = ()) -> dict:
@@ -35,7 +28,7 @@ def superbatch(concepts: list[list[int]], broken: tuple[int, ...] = ()) -> dict:
     samples = [
         {
             "key": f"s{i}",
-            "image": broken_jpeg() if i in broken else jpeg(i),
+            "image": broken_jpeg() if i in broken else noise_jpeg(i),
             "caption": f"caption {i}",
             "concepts": np.array(c),
         }
@@ -49,20 +42,14 @@ def algorithm(**kwargs) -> ConceptAwareBatchSampling:
     return ConceptAwareBatchSampling(decoder=decoder, tokenizer="ViT-B-32", **kwargs)
 
 
-def test_keep_per_rank_must_be_whole():
-    assert keep_per_rank(80, 0.8) == 16
-    assert keep_per_rank(16, 0.0) == 16
-    with pytest.raises(ValueError, match="not a whole number"):
-        keep_per_rank(81, 0.8)
+DECODER = ImageDecoder(32, is_train=True, seed=3, num_threads=1)
+TOKENIZER = CaptionTokenizer("ViT-B-32")
 
 
-def test_superbatch_per_rank_from_the_global_batch():
-    assert superbatch_per_rank(4096, 4, 0.8) == 5120
-    assert superbatch_per_rank(32, 2, 0.0) == 16
-    with pytest.raises(ConfigError, match="does not divide over 3 ranks"):
-        superbatch_per_rank(32, 3, 0.8)
-    with pytest.raises(ConfigError, match="not a whole number"):
-        superbatch_per_rank(30, 2, 0.6)  # 15 / 0.4 = 37.5
+def keep(batch: dict, kept: list[int], step: int, **kwargs) -> tuple[dict, list[Replacement]]:
+    """The model's batch for rank 0's kept local indices ``kept`` at ``step``."""
+    return kept_batch(batch, np.array(kept), step, 0, decoder=DECODER, tokenizer=TOKENIZER,
+                      **kwargs)
 
 
 def test_gather_on_one_process_returns_the_local_arrays():
@@ -80,9 +67,8 @@ def test_digest_tells_selections_apart():
 
 def test_kept_batch_decodes_and_tokenizes_only_the_kept_samples():
     batch = superbatch([[0], [0], [1], [0, 1], []])
-    cabs = algorithm(filter_ratio=0.6, policy="diversity")
-    kept = np.array([1, 3])
-    out = cabs.kept_batch(batch, kept, step=4, rank=0)
+    out, replaced = keep(batch, [1, 3], step=4)
+    assert replaced == []
     assert out["keys"] == ["s1", "s3"]
     assert out["images"].shape == (2, 3, 32, 32) and out["images"].dtype == torch.float32
     assert out["text"].shape[0] == 2
@@ -103,25 +89,22 @@ def test_state_dict_is_plain_and_a_changed_policy_warns():
 
 
 def broken_jpeg() -> bytes:
-    return jpeg(99)[:40]  # a JPEG header and nothing else
+    return noise_jpeg(99)[:40]  # a JPEG header and nothing else
 
 
 def test_an_undecodable_kept_image_raises_naming_the_sample_by_default():
     batch = superbatch([[0], [1], [2], [3]], broken=(1,))
-    cabs = algorithm(filter_ratio=0.5, policy="diversity")
     with pytest.raises(ImageDecodeError, match=r"'s1'.*step 7, rank 0.*on_error=replace"):
-        cabs.kept_batch(batch, np.array([0, 1]), step=7, rank=0, reserve=lambda: np.array([2, 3]))
-    assert cabs.replacements == []
+        keep(batch, [0, 1], step=7, stand_ins=lambda: np.array([2, 3]))
 
 
 def test_replace_trains_on_the_first_decodable_stand_in_in_the_slot_of_the_failed_one(caplog):
     batch = superbatch([[0], [1], [2], [3]], broken=(1, 3))  # the first stand-in fails too
-    cabs = algorithm(filter_ratio=0.5, policy="diversity", on_decode_error="replace")
-    out = cabs.kept_batch(
-        batch, np.array([0, 1]), step=7, rank=0, reserve=lambda: np.array([3, 2])
+    out, replaced = keep(
+        batch, [0, 1], step=7, stand_ins=lambda: np.array([3, 2]), on_decode_error="replace"
     )
     assert out["keys"] == ["s0", "s2"]
-    assert cabs.replacements == [(7, 0, "s1", "s2")]
+    assert [r[:4] for r in replaced] == [(7, 0, "s1", "s2")]
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("stand-in 's3' cannot be decoded either" in m for m in warned), warned
     assert any("kept sample 's1' cannot be decoded" in m and "'s2' instead" in m for m in warned)
@@ -130,16 +113,35 @@ def test_replace_trains_on_the_first_decodable_stand_in_in_the_slot_of_the_faile
         [batch["image_bytes"][0], batch["image_bytes"][2]], ["s0", "s2"], step=7, rank=0
     )
     assert torch.equal(out["images"], expected)
-    assert torch.equal(out["text"], cabs.tokenizer(["caption 0", "caption 2"]))
+    assert torch.equal(out["text"], TOKENIZER(["caption 0", "caption 2"]))
 
 
 def test_replace_fails_clearly_when_no_stand_in_decodes():
     batch = superbatch([[0], [1], [2]], broken=(1, 2))
-    cabs = algorithm(filter_ratio=0.5, policy="iid", on_decode_error="replace")
     with pytest.raises(ImageDecodeError, match=r"'s1'.*no unkept sample of rank 0 at step 2"):
-        cabs.kept_batch(batch, np.array([0, 1]), step=2, rank=0, reserve=lambda: np.array([2]))
+        keep(batch, [0, 1], step=2, stand_ins=lambda: np.array([2]), on_decode_error="replace")
 
 
 def test_on_decode_error_accepts_raise_and_replace_only():
     with pytest.raises(ValueError, match="on_decode_error must be one of"):
         algorithm(filter_ratio=0.5, on_decode_error="skip")
+
+
+def test_a_step_prepared_ahead_is_the_step_decoded_when_due():
+    """``cabs_step`` with a lookahead: steps 1 and 2 come from the background, unchanged."""
+    batches = [superbatch([[t % 3], [1], [2, t % 2], [0], [], [3]]) for t in range(3)]
+    settings = {"policy": get_policy("diversity", {"concept_cap": 2}), "filter_ratio": 0.5,
+                "seed": 1, "decoder": DECODER, "tokenizer": TOKENIZER}
+    due = [cabs_step(batch, t, **settings) for t, batch in enumerate(batches)]
+    ahead = Lookahead()
+    early = [
+        cabs_step(batch, t, lookahead=ahead, peek=lambda t=t: (batches + [None])[t + 1],
+                  **settings)
+        for t, batch in enumerate(batches)
+    ]
+    assert [step.looked_ahead for step in early] == [False, True, True]
+    for a, b in zip(due, early, strict=True):
+        assert a.batch["keys"] == b.batch["keys"]
+        assert torch.equal(a.batch["images"], b.batch["images"])
+        assert torch.equal(a.batch["text"], b.batch["text"])
+        assert np.array_equal(a.record.kept, b.record.kept)

@@ -1,4 +1,5 @@
-"""tools/bench_pipeline.py runs end to end in its smoke mode and reports what it promises.
+"""cabs-bench-pipeline (tools/bench_pipeline.py) runs end to end in its smoke mode and reports
+what it promises.
 
 Throughput numbers are noise at this size; what is deterministic, and asserted, is the shape of
 the JSON line, positive rates, and the work each configuration did per trained sample: ``iid``
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow  # a benchmark process with DataLoader worker processes
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench_pipeline.py"

@@ -8,15 +8,13 @@ keeps more concepts on 3,000 samples over 20 concepts is not).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from paths import ROOT, SAMPLE
+from paths import SAMPLE
 from streaming import StreamingDataset
 
 from cabs_streaming.concepts import Vocabulary, decode_concepts
@@ -110,14 +108,18 @@ def test_the_report_is_deterministic(report: tuple[Path, dict], tmp_path: Path) 
     assert again == summary
 
 
+def test_a_batch_size_no_superbatch_keeps_exactly_is_refused_not_rounded(tmp_path: Path) -> None:
+    # 10 / (1 - 0.7) = 33.3: a superbatch of 33 would keep 9.9, i.e. another filter ratio.
+    with pytest.raises(ValueError, match="33.3333 samples, not a whole number"):
+        concept_report(str(TRAIN), str(tmp_path), filter_ratio=0.7, batch_size=10, batches=1,
+                       progress=False)
+
+
 def test_cli_writes_the_folder_and_reports_bad_arguments(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        from concept_report import main
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    from cabs_streaming.cli.report import main
+
     status = main([str(TRAIN), "--out", str(tmp_path / "r"), "--batch-size", "16", "--batches",
                    "2", "--max-samples", "400", "--no-progress"])
     printed = json.loads(capsys.readouterr().out)
@@ -132,13 +134,4 @@ def test_cli_writes_the_folder_and_reports_bad_arguments(
                  "--max-samples", "100", "--no-progress"]) == 2
     assert "lower --batch-size" in capsys.readouterr().err
     assert main([str(TRAIN), "--out", str(tmp_path / "z"), "--filter-ratio", "1"]) == 2
-    assert "--filter-ratio must lie in [0, 1)" in capsys.readouterr().err
-
-
-def test_tools_script_runs_from_a_checkout(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "concept_report.py"), "--help"],
-        capture_output=True, text=True, check=False, cwd=tmp_path, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "--filter-ratio" in result.stdout and "s3://" in result.stdout
+    assert "filter_ratio must lie in [0, 1)" in capsys.readouterr().err

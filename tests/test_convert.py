@@ -1,4 +1,4 @@
-"""tools/convert_to_mds.py (cabs_streaming.convert): every input format in, MDS schema v1 out.
+"""cabs-convert (cabs_streaming.converter): every input format in, MDS schema v1 out.
 
 Inputs are built here from real image files (the embedded sample's JPEGs, plus PNG and WebP) and
 every written dataset is read back with ``streaming.StreamingDataset``.
@@ -10,8 +10,6 @@ import gzip
 import io
 import itertools
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -19,34 +17,23 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from paths import ROOT, SAMPLE
+from helpers import read_back, wds, write_tar
 from PIL import Image
 from streaming import StreamingDataset
 
-from cabs_streaming.concepts import Vocabulary, decode_concepts, decode_scores
-from cabs_streaming.convert import SKIP_REASONS, ConversionError, convert, main
+from cabs_streaming.cli.convert import main
+from cabs_streaming.concepts import Vocabulary
+from cabs_streaming.converter import SKIP_REASONS, ConversionError, convert
 
 # ---------------------------------------------------------------------------------------------
 # Real images
 # ---------------------------------------------------------------------------------------------
 
 
-def _sample_jpegs(tmp: Path, count: int) -> list[bytes]:
-    """JPEG bytes of the embedded sample (schema v1: ``image`` holds the file as found)."""
-    dataset = StreamingDataset(
-        remote=str(SAMPLE / "train"), local=str(tmp / "sample-cache"), batch_size=1, shuffle=False
-    )
-    jpegs = [bytes(dataset[i]["image"]) for i in range(count)]
-    del dataset
-    assert all(j[:2] == b"\xff\xd8" for j in jpegs), "the sample's images are JPEG files"
-    return jpegs
-
-
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[bytes]]:
+def images(sample_jpegs: list[bytes]) -> dict[str, list[bytes]]:
     """Distinct real JPEGs, plus a PNG and a WebP re-encoded from one of them."""
-    jpegs = list(dict.fromkeys(_sample_jpegs(tmp_path_factory.mktemp("sample"), 24)))
-    assert len(jpegs) >= 16, f"only {len(jpegs)} distinct JPEGs among the sample's first 24"
+    jpegs = sample_jpegs
     pixels = Image.open(io.BytesIO(jpegs[0])).convert("RGB")
     encoded = {}
     for fmt in ("PNG", "WEBP"):
@@ -58,63 +45,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[bytes]]:
 
 def _truncated(jpeg: bytes) -> bytes:
     return jpeg[: len(jpeg) // 2]
-
-
-# ---------------------------------------------------------------------------------------------
-# Input builders and the read-back helper
-# ---------------------------------------------------------------------------------------------
-
-
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    """A WebDataset tar: each sample's members are consecutive, ``<name>.<ext>``."""
-    with tarfile.open(path, "w") as archive:
-        for name, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{name}.{ext}")
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
-    return path
-
-
-def wds(
-    name: str,
-    image: bytes | None,
-    meta: dict[str, Any] | bytes | None,
-    *,
-    ext: str = "jpg",
-    txt: bytes | None = None,
-) -> tuple[str, dict[str, bytes]]:
-    """One WebDataset sample; ``meta`` None leaves out the json member, bytes are used raw."""
-    members: dict[str, bytes] = {}
-    if image is not None:
-        members[ext] = image
-    if meta is not None:
-        members["json"] = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
-    if txt is not None:
-        members["txt"] = txt
-    return name, members
-
-
-def read_back(out: Path) -> list[dict[str, Any]]:
-    """Every sample of ``out`` in order, concept ids mapped to names through vocabulary.json."""
-    vocabulary = Vocabulary.load(str(out))
-    dataset = StreamingDataset(local=str(out), batch_size=1, shuffle=False)
-    rows = []
-    for i in range(dataset.num_samples):
-        sample = dataset[i]
-        ids = decode_concepts(sample["concepts"])
-        rows.append(
-            {
-                "key": sample["key"],
-                "caption": sample["caption"],
-                "recaption": sample["recaption"],
-                "concepts": [vocabulary.name_of(int(c)) for c in ids],
-                "scores": decode_scores(sample["concept_scores"]).tolist(),
-                "image": bytes(sample["image"]),
-            }
-        )
-    del dataset
-    return rows
 
 
 def run(inputs: list[Path], fmt: str, out: Path, **kwargs: Any) -> dict[str, Any]:
@@ -660,16 +590,6 @@ def test_cli_prints_the_report_and_exits_3_on_damaged_input(
     status = main(["--input", str(tmp_path / "nope.tar"), "--format", "webdataset", "--out",
                    str(tmp_path / "x"), "--no-progress"])
     assert status == 2 and "nope.tar does not exist" in capsys.readouterr().err
-
-
-def test_tools_script_runs_from_a_checkout(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "convert_to_mds.py"), "--help"],
-        capture_output=True, text=True, check=False, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "--extend-vocabulary" in result.stdout
-
 
 
 def test_shards_carry_hashes_that_streaming_validates(

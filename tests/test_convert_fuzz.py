@@ -22,11 +22,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import read_back
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_convert import _sample_jpegs, read_back
 
-from cabs_streaming.convert import FORMATS, ConversionError, Limits, convert
+from cabs_streaming.converter import FORMATS, ConversionError, Limits, convert
 
 FUZZ = settings(
     derandomize=True,
@@ -37,8 +37,8 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def jpeg(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return _sample_jpegs(tmp_path_factory.mktemp("sample"), 1)[0]
+def jpeg(sample_jpegs: list[bytes]) -> bytes:
+    return sample_jpegs[0]
 
 
 @contextmanager

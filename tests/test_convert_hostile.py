@@ -26,28 +26,27 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import read_back, wds, write_tar
 from paths import ROOT
 from PIL import Image
-from test_convert import _sample_jpegs, read_back, wds, write_tar
 
+from cabs_streaming.cli.convert import build_parser, main
 from cabs_streaming.concepts import Vocabulary
-from cabs_streaming.convert import (
+from cabs_streaming.converter import (
     EXIT_STATUSES,
     SKIP_REASONS,
     ConversionError,
     Limits,
     OutputBusy,
-    build_parser,
     convert,
-    main,
 )
 
 CONVERT = str(ROOT / "tools" / "convert_to_mds.py")
 
 
 @pytest.fixture(scope="module")
-def jpegs(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
-    return list(dict.fromkeys(_sample_jpegs(tmp_path_factory.mktemp("sample"), 16)))
+def jpegs(sample_jpegs: list[bytes]) -> list[bytes]:
+    return sample_jpegs[:16]
 
 
 def run(inputs: list[Path], fmt: str, out: Path, **kwargs: Any) -> dict[str, Any]:
@@ -547,13 +546,10 @@ def test_a_second_conversion_into_a_folder_being_written_stops_with_status_5(
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from s3server import S3Server, point_clients_at
-
-    with S3Server(tmp_path_factory.mktemp("s3")) as server, pytest.MonkeyPatch.context() as mp:
-        point_clients_at(server, mp)
-        server.make_bucket("locks")
-        yield server
+def s3(s3: Any) -> Any:
+    """The session's S3 server (``conftest.py``) with this module's bucket."""
+    s3.make_bucket("locks")
+    return s3
 
 
 @pytest.mark.slow
@@ -643,12 +639,9 @@ def test_report_counts_samples_and_instances_per_concept_id(
 
 
 def test_help_shows_every_option_with_a_description_and_its_default() -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import tag_concepts
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    for parser in (build_parser(), tag_concepts.build_parser()):
+    from cabs_streaming.cli import tag
+
+    for parser in (build_parser(), tag.build_parser()):
         for action in parser._actions:
             if action.dest == "help":
                 continue

@@ -18,7 +18,8 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from paths import PHOTO, SAMPLE
+from helpers import photo_tiles, write_mds
+from paths import SAMPLE
 from PIL import Image
 from streaming import MDSWriter, Stream
 from torch.utils.data import DataLoader
@@ -54,45 +55,28 @@ class Record:
     concepts: list[int]
 
 
-def _tiles(n: int, size: int = 64) -> list[bytes]:
-    """``n`` real-photo JPEG tiles of ``size`` pixels from different places and scales."""
-    photo = Image.open(PHOTO).convert("RGB")
-    rng = np.random.default_rng(0)
-    tiles = []
-    for _ in range(n):
-        side = int(rng.integers(size, 400))
-        left = int(rng.integers(0, photo.width - side))
-        top = int(rng.integers(0, photo.height - side))
-        tile = photo.crop((left, top, left + side, top + side)).resize((size, size))
-        buf = io.BytesIO()
-        tile.save(buf, format="JPEG", quality=85)
-        tiles.append(buf.getvalue())
-    return tiles
-
-
 def _write_mds(
     out: str, records: dict[str, Record], vocabulary: Vocabulary, hashes: list[str] | None = None
 ) -> None:
-    with MDSWriter(out=out, columns=MDS_COLUMNS, size_limit=1 << 15, hashes=hashes) as writer:
-        for key, rec in records.items():
-            writer.write(
-                {
-                    "key": key,
-                    "image": rec.image,
-                    "caption": rec.caption,
-                    "recaption": rec.recaption,
-                    "concepts": encode_concepts(rec.concepts),
-                    "concept_scores": encode_scores(np.full(len(rec.concepts), 0.5)),
-                }
-            )
-    vocabulary.save(out)
+    rows = (
+        {
+            "key": key,
+            "image": rec.image,
+            "caption": rec.caption,
+            "recaption": rec.recaption,
+            "concepts": encode_concepts(rec.concepts),
+            "concept_scores": encode_scores(np.full(len(rec.concepts), 0.5)),
+        }
+        for key, rec in records.items()
+    )
+    write_mds(Path(out), rows, vocabulary.names, size_limit=1 << 15, hashes=hashes)
 
 
 @pytest.fixture(scope="module")
 def records() -> dict[str, Record]:
     rng = np.random.default_rng(1)
     out = {}
-    for i, image in enumerate(_tiles(NUM_SAMPLES)):
+    for i, image in enumerate(photo_tiles(NUM_SAMPLES)):
         concepts = rng.integers(0, len(NAMES), int(rng.integers(0, 5))).tolist()  # some empty
         recaption = f"a synthetic caption {i}" if i % 4 else ""  # a quarter have none
         out[f"uid{i:04d}"] = Record(image, f"alt text {i}", recaption, concepts)
@@ -114,7 +98,18 @@ def _loader(dataset: ConceptStreamingDataset, **kwargs: Any) -> DataLoader:
 
 
 def _keys(loader: DataLoader) -> list[list[str]]:
-    return [batch["keys"] for batch in loader]
+    """Every batch's keys; the loader's workers are stopped here, also when reading fails.
+
+    An iterator that raised is kept in a reference cycle by the traceback, and one collected by
+    the garbage collector costs 5 s: the collector closes its queues before its finaliser can
+    tell the workers to stop, so torch waits out its join timeout.
+    """
+    batches = iter(loader)
+    try:
+        return [batch["keys"] for batch in batches]
+    finally:
+        if hasattr(batches, "_shutdown_workers"):  # torch's own clean-up, now, not in the collector
+            batches._shutdown_workers()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,22 +24,25 @@ import torch.nn.functional as F
 from composer import DataSpec, Trainer
 from composer.loggers import InMemoryLogger
 from composer.utils.reproducibility import seed_all
+from helpers import free_port, write_mds
 from paths import ROOT, SAMPLE
-from streaming import MDSWriter, StreamingDataset
+from streaming import StreamingDataset
 
 from cabs_streaming.concepts import MDS_COLUMNS, Vocabulary
 from cabs_streaming.dataset import num_samples_in_batch
 from cabs_streaming.evaluation import (
+    ZeroShotCollator,
+    build_evaluators,
+    build_retrieval_evaluator,
+    build_zeroshot_evaluator,
+)
+from cabs_streaming.metrics import (
     RETRIEVAL_METRICS,
     ZEROSHOT_METRICS,
     ImageTextRetrieval,
     ImageTextRetrievalScore,
     ZeroShotAccuracy,
-    ZeroShotCollator,
     ZeroShotTask,
-    build_evaluators,
-    build_retrieval_evaluator,
-    build_zeroshot_evaluator,
     key_ids,
     retrieval_recalls,
 )
@@ -49,14 +51,6 @@ from cabs_streaming.model import ComposerCLIP
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
-
-
-def _write(out: Path, rows: list[dict], names: list[str]) -> str:
-    with MDSWriter(out=str(out), columns=MDS_COLUMNS, size_limit=1 << 16) as writer:
-        for row in rows:
-            writer.write(row)
-    Vocabulary(list(names)).save(str(out))
-    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +73,7 @@ def odd_eval_sets(tmp_path_factory: pytest.TempPathFactory, eval_sets) -> dict[s
         rows = [source.get_item(i) for i in range(n)]
         rows = [{column: row[column] for column in MDS_COLUMNS} for row in rows]
         names = Vocabulary.load(eval_sets[kind]).names
-        out[kind] = _write(root / kind, rows, names)
+        out[kind] = str(write_mds(root / kind, rows, names, size_limit=1 << 16))
         del source
     gc.collect()
     return out
@@ -431,12 +425,7 @@ DIST_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_two_ranks_evaluate_an_odd_sized_set_exactly_like_one_process(tmp_path, odd_eval_sets):
     config = {
         "zeroshot": {"local": odd_eval_sets["classification"], "batch_size": 8},
@@ -448,7 +437,7 @@ def test_two_ranks_evaluate_an_odd_sized_set_exactly_like_one_process(tmp_path, 
     script.write_text(DIST_SCRIPT)
     out = tmp_path / "result.json"
     command = [
-        composer, "-n", "2", "--master_port", str(_free_port()),
+        composer, "-n", "2", "--master_port", str(free_port()),
         "--stdout", str(tmp_path / "o{rank}"), "--stderr", str(tmp_path / "e{rank}"),
         str(script), json.dumps(config), str(out),
     ]  # fmt: skip

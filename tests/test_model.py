@@ -13,7 +13,6 @@ import math
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ import torch
 from composer import DataSpec, Trainer
 from composer.loggers import InMemoryLogger
 from composer.utils.reproducibility import seed_all
+from helpers import free_port
 from paths import ROOT, SAMPLE
 
 from cabs_streaming.dataset import ConceptStreamingDataset, num_samples_in_batch
@@ -234,12 +234,6 @@ def test_a_training_step_runs_on_cuda(samples):
 # ------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DIST_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -280,6 +274,7 @@ DIST_CASES = [
 ]
 
 
+@pytest.mark.slow
 def test_two_ranks_on_gloo_reproduce_the_single_process_loss_and_gradients(tmp_path, samples):
     """ClipLoss(local_loss, gather_with_grad) and SigLipLoss(gather and bidir) across 2 ranks."""
     assert "gather" in SIGLIP_DIST_IMPLS
@@ -293,7 +288,7 @@ def test_two_ranks_on_gloo_reproduce_the_single_process_loss_and_gradients(tmp_p
     out = tmp_path / "results.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [
-        composer, "-n", "2", "--master_port", str(_free_port()),
+        composer, "-n", "2", "--master_port", str(free_port()),
         "--stdout", str(tmp_path / "o{rank}"), "--stderr", str(tmp_path / "e{rank}"),
         str(script), str(tmp_path / "batch.pt"), str(out), json.dumps(DIST_CASES),
     ]  # fmt: skip

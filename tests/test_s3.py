@@ -8,7 +8,6 @@ included) and Composer writes its checkpoints there and loads one back, all thro
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,18 @@ import psutil
 import pytest
 import torch
 from botocore.exceptions import ClientError
+from helpers import sample_rows
 from paths import ROOT, SAMPLE
-from s3server import HOST, S3Server, point_clients_at
-from streaming import StreamingDataset
+from s3server import HOST, S3Server
 
 from cabs_streaming.concepts import Vocabulary, decode_concepts
 from cabs_streaming.config import load_config
-from cabs_streaming.convert import convert
+from cabs_streaming.converter import convert
 from cabs_streaming.dataset import ConceptStreamingDataset
 from cabs_streaming.report import FIGURES, SUMMARY, concept_report, read_concepts
 from cabs_streaming.train import build_trainer
+
+pytestmark = pytest.mark.slow  # every test here talks to the S3 server
 
 BUCKET = "cabs-test"
 PREFIX = "mds/train"
@@ -34,25 +35,18 @@ QUICKSTART = ROOT / "yamls" / "quickstart.yaml"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """One server for the module, its bucket, and the environment that points clients at it."""
-    with S3Server(tmp_path_factory.mktemp("s3")) as s3, pytest.MonkeyPatch.context() as mp:
-        point_clients_at(s3, mp)
-        s3.make_bucket(BUCKET)
-        yield s3
+def server(s3: S3Server) -> S3Server:
+    """The session's S3 server (conftest.py: clients pointed at it) and this module's bucket."""
+    s3.make_bucket(BUCKET)
+    return s3
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """The first samples of the embedded sample: real JPEGs with their captions and concepts."""
-    tmp = tmp_path_factory.mktemp("sample-cache")
-    dataset = StreamingDataset(
-        remote=str(SAMPLE / "train"), local=str(tmp), batch_size=1, shuffle=False
-    )
     vocabulary = Vocabulary.load(str(SAMPLE / "train"))
     rows = []
-    for i in range(COUNT):
-        sample = dataset[i]
+    for sample in sample_rows(COUNT, tmp_path_factory.mktemp("sample-cache")):
         rows.append(
             {
                 "key": sample["key"],
@@ -64,7 +58,6 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
                 "image": bytes(sample["image"]),
             }
         )
-    del dataset
     assert all(row["image"][:2] == b"\xff\xd8" for row in rows), "the sample holds JPEG files"
     assert len({row["key"] for row in rows}) == COUNT
     return rows

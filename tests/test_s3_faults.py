@@ -6,7 +6,7 @@
   bucket): with the default retries the run rides out the outage; with one upload attempt it
   stops with a clear error, and autoresume from the bucket, on a fresh working directory (as on
   a new node), completes it. Both end with the selection log and bitwise weights of a run that
-  saw no outage.
+  saw no outage (the session's ``uninterrupted`` run, on the same samples as local files).
 - A run killed when its first checkpoint is in the bucket but Composer's "latest" pointer is
   not: autoresume continues from that checkpoint (found by listing the bucket) instead of
   starting over and failing to upload over the existing object.
@@ -18,41 +18,37 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from launch import QUICKSTART, selections, train
+from launch import QUICKSTART, STEPS, checkpoint_name, selections, train
 from paths import SAMPLE
-from s3server import HOST, S3Server, free_ports, point_clients_at
+from s3server import HOST, S3Server, free_ports
 
 from cabs_streaming.train import main
 
+pytestmark = pytest.mark.slow
+
 BUCKET = "faults"
 DATA = f"s3://{BUCKET}/sample/train"
-STEPS = 12
-EPOCH = 9  # steps: 3000 samples / (2 ranks x 160 drawn); batch 12 is in epoch 1
 SAVE_EVERY = 3
 OUTAGE_AFTER = 6  # checkpoint 3 and its pointer are in the bucket, 6 uploads into the outage
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A server holding the embedded sample's training shards, and the clients pointed at it."""
-    with S3Server(tmp_path_factory.mktemp("s3")) as s3, pytest.MonkeyPatch.context() as mp:
-        point_clients_at(s3, mp)
-        s3.make_bucket(BUCKET)
-        client = s3.client()
-        for path in sorted((SAMPLE / "train").iterdir()):
-            client.upload_file(str(path), BUCKET, f"sample/train/{path.name}")
-        yield s3
+def server(s3: S3Server, resume_data: Path) -> S3Server:
+    """The session's S3 server (clients pointed at it) holding the runs' training shards."""
+    s3.make_bucket(BUCKET)
+    client = s3.client()
+    for path in sorted(resume_data.iterdir()):
+        client.upload_file(str(path), BUCKET, f"sample/train/{path.name}")
+    return s3
 
 
 def s3_run(folder: Path, *extra: str) -> list[str]:
     """Overrides for a run whose data and checkpoints live in the bucket."""
     return [
-        f"max_duration={STEPS}ba",
         f"train_data.remote={DATA}",
         f"train_data.local={folder}/cache",
         f"save_folder=s3://{BUCKET}/checkpoints/{{run_name}}",
@@ -118,12 +114,10 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def no_outage(server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("faults") / "no_outage"
-    status, output = train(folder, None, *s3_run(folder))
-    assert status == 0, output
-    assert len(selections(folder)) == STEPS
-    return folder
+def no_outage(server: S3Server, uninterrupted: Path) -> Path:
+    """What every run through a fault must equal: the session's run without one."""
+    assert len(selections(uninterrupted)) == STEPS
+    return uninterrupted
 
 
 # ------------------------------------------------------------------------------ at start
@@ -186,9 +180,7 @@ def test_a_short_outage_costs_retries_not_the_run(
     assert (folder / "outage" / "up").exists(), "the outage never happened"
     assert status == 0, output
     uploaded = server.keys(BUCKET, f"checkpoints/{folder.name}/")
-    expected = [
-        f"ep{(b - 1) // EPOCH}-ba{b}-rank0.pt" for b in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)
-    ]
+    expected = [checkpoint_name(b) for b in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)]
     assert sorted(k.rsplit("/", 1)[-1] for k in uploaded if k.endswith(".pt")) == sorted(expected)
     assert selections(folder) == selections(no_outage)
     assert same_weights(folder, no_outage)
@@ -206,7 +198,7 @@ def test_an_outage_beyond_the_retries_stops_clearly_and_autoresume_completes(
     assert (folder / "outage" / "up").exists()
     assert f"uploading a checkpoint to s3://{BUCKET}/checkpoints/{folder.name}" in output, output
     assert "run the same command with autoresume=true" in output
-    assert f"ep0-ba{OUTAGE_AFTER}-rank0.pt" in output, "another upload than the outage's failed"
+    assert checkpoint_name(OUTAGE_AFTER) in output, "another upload than the outage's failed"
     assert not (folder / "weights.pt").exists()
     logged = [json.loads(line)["step"] for line in (folder / "selection.jsonl").open()]
 
@@ -228,7 +220,7 @@ def test_an_outage_beyond_the_retries_stops_clearly_and_autoresume_completes(
 def test_a_checkpoint_in_the_bucket_without_its_pointer_is_resumed_from(
     server: S3Server, no_outage: Path, tmp_path: Path
 ) -> None:
-    """Killed after ``ep0-ba3-rank0.pt`` reached the bucket and before the "latest" pointer.
+    """Killed after checkpoint 3 reached the bucket and before the "latest" pointer.
 
     Composer's autoresume found no pointer, started from step 0 and at step 3 could not upload
     ``ep0-ba3-rank0.pt`` over the object that exists; the run then blamed S3 and asked for
@@ -241,7 +233,7 @@ def test_a_checkpoint_in_the_bucket_without_its_pointer_is_resumed_from(
     )
     assert status == -signal.SIGKILL, output
     names = [k[len(prefix) :] for k in server.keys(BUCKET, prefix)]
-    assert names == [f"ep0-ba{SAVE_EVERY}-rank0.pt"], "the sequence did not happen"
+    assert names == [checkpoint_name(SAVE_EVERY)], "the sequence did not happen"
     logged = len((folder / "selection.jsonl").read_text().splitlines())
 
     # Resumed up to the next checkpoint only: exactness to the end is the other tests' subject.
@@ -254,5 +246,5 @@ def test_a_checkpoint_in_the_bucket_without_its_pointer_is_resumed_from(
     assert steps[logged:] == list(range(SAVE_EVERY, end)), "not resumed from the checkpoint"
     expected = selections(no_outage)
     assert selections(folder) == {step: expected[step] for step in range(end)}
-    assert f"{prefix}ep0-ba{end}-rank0.pt" in server.keys(BUCKET, prefix)
+    assert f"{prefix}{checkpoint_name(end)}" in server.keys(BUCKET, prefix)
     assert not (tmp_path / "node-b" / "s3:").exists()  # Composer's autoresume made this folder

@@ -1,4 +1,4 @@
-"""The selection engine against CABS_SPEC: hand-worked examples, then properties and an oracle.
+"""The engine against docs/selection.md: hand-worked examples, then properties and an oracle.
 
 Every worked example below was computed by hand from the spec; the arithmetic is in the comments
 so that a reader can check it. ``selection_reference`` is a slow literal transcription of the
@@ -22,6 +22,7 @@ from cabs_streaming.selection import (
     select,
     stand_ins,
 )
+from cabs_streaming.selection.sizes import keep_per_rank, superbatch_per_rank, superbatch_size
 
 
 def run(policy: str, lists, world: int, k: int, seed: int = 0, step: int = 0, **options):
@@ -435,3 +436,37 @@ def test_stand_ins_are_exactly_the_ranks_unkept_samples(batch, policy, options):
         order = stand_in_order(policy, lists, world, k, rank, seed, step, **options)
         assert sorted(order) == sorted(set(range(n)) - set(chosen[rank]))
         assert order == stand_in_order(policy, lists, world, k, rank, seed, step, **options)
+
+
+# --------------------------------------------------------------------------------- batch sizes
+
+
+def test_keep_per_rank_must_be_whole():
+    assert keep_per_rank(80, 0.8) == 16
+    assert keep_per_rank(16, 0.0) == 16
+    with pytest.raises(ValueError, match="not a whole number"):
+        keep_per_rank(81, 0.8)
+
+
+def test_superbatch_size_is_whole_or_an_error_never_a_rounding():
+    assert superbatch_size(64, 0.8) == 320  # 64 / 0.2 is 320.00000000000006 in floats
+    assert superbatch_size(48, 0.75) == 192
+    with pytest.raises(ValueError, match="33.3333 samples, not a whole number"):
+        superbatch_size(10, 0.7)
+
+
+def test_superbatch_per_rank_from_the_global_batch():
+    assert superbatch_per_rank(4096, 4, 0.8) == 5120
+    assert superbatch_per_rank(32, 2, 0.0) == 16
+    with pytest.raises(ValueError, match="does not divide over 3 ranks"):
+        superbatch_per_rank(32, 3, 0.8)
+    with pytest.raises(ValueError, match="37.5 samples per rank, not a whole number"):
+        superbatch_per_rank(30, 2, 0.6)  # 15 / 0.4 = 37.5
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_every_size_refuses_a_filter_ratio_outside_zero_to_one(ratio: float):
+    for size in (lambda: keep_per_rank(80, ratio), lambda: superbatch_size(16, ratio),
+                 lambda: superbatch_per_rank(32, 2, ratio)):
+        with pytest.raises(ValueError, match=r"filter_ratio must lie in \[0, 1\)"):
+            size()

@@ -25,8 +25,9 @@ def test_stale_blocks_go_and_a_live_datasets_blocks_stay() -> None:
         f"""
         import sys
         from streaming import StreamingDataset
+        from cabs_streaming._internals import shared_memory_prefix
         dataset = StreamingDataset(local={str(SAMPLE / "train")!r}, batch_size=8)
-        print(f"{{dataset._shm_prefix_int:06d}}", flush=True)
+        print(f"{{shared_memory_prefix(dataset):06d}}", flush=True)
         sys.stdin.readline()  # alive until the test is done
         """
     )

@@ -8,20 +8,18 @@ detector-name mapper: normal forms and unknown names counted, also in convert's 
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import read_back, solid_jpeg, wds, write_tar
 from paths import ROOT
-from PIL import Image
-from test_convert import read_back, wds, write_tar
 
+from cabs_streaming.cli.convert import main as convert_main
 from cabs_streaming.concepts import Vocabulary
-from cabs_streaming.convert import ConversionError, convert
-from cabs_streaming.convert import main as convert_main
+from cabs_streaming.converter import ConversionError, convert
 from cabs_streaming.tagging import (
     SHIPPED_VOCABULARIES,
     CaptionTagger,
@@ -254,6 +252,7 @@ def test_shipped_vocabularies_load_with_sources_noted() -> None:
     ]
 
 
+@pytest.mark.slow
 def test_the_generator_reproduces_the_shipped_vocabularies(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "make_vocabularies.py"), "--out", str(tmp_path)],
@@ -300,6 +299,24 @@ def test_load_tagger_takes_a_module_or_a_file(tmp_path: Path) -> None:
     assert load_tagger("json:dumps")(["a"]) == '["a"]'
 
 
+def test_a_tagger_module_is_found_in_the_current_directory_without_editing_sys_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "cwd_tags_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "detector.py").write_text("def tag(image, caption):\n    return ['cat']\n")
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    try:
+        assert load_tagger("cwd_tags_pkg.detector:tag")(b"", "x") == ["cat"]
+    finally:
+        for name in ("cwd_tags_pkg.detector", "cwd_tags_pkg"):
+            sys.modules.pop(name, None)
+        load_tagger.cache_clear()
+    assert sys.path == before
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -321,12 +338,7 @@ def test_bad_tagger_specs_are_named(spec: str, message: str) -> None:
 
 @pytest.fixture(scope="module")
 def jpegs() -> list[bytes]:
-    out = []
-    for i in range(6):
-        buffer = io.BytesIO()
-        Image.new("RGB", (16, 16), (40 * i, 255 - 40 * i, 90)).save(buffer, format="JPEG")
-        out.append(buffer.getvalue())
-    return out
+    return [solid_jpeg((40 * i, 255 - 40 * i, 90)) for i in range(6)]
 
 
 def _caption_tar(tmp_path: Path, jpegs: list[bytes]) -> Path:

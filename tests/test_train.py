@@ -13,21 +13,29 @@ import pytest
 import torch
 from composer import Callback, Trainer
 from composer.utils import reproducibility
+from helpers import sample_subset
 from paths import ROOT, SAMPLE
 from torch.utils.data import DataLoader
 
 from cabs_streaming.config import load_config
 from cabs_streaming.dataset import ConceptCollator, ConceptStreamingDataset
-from cabs_streaming.train import build_optimizer, build_scheduler, build_trainer
+from cabs_streaming.train import build_optimizer, build_scheduler, build_trainer, main
 
 QUICKSTART = ROOT / "yamls" / "quickstart.yaml"
 BIN = Path(sys.executable).parent
 
 
 def overrides(tmp_path: Path, *extra: str) -> list[str]:
-    """Point the quickstart at the sample and keep every output under ``tmp_path``."""
+    """Point the quickstart at the sample and keep every output under ``tmp_path``.
+
+    32 kept per step (2 ranks x 16, 18 steps an epoch), whatever the recipe's own batch, and
+    the tiny ViT: these tests check the training mechanics, which do not depend on the image
+    tower, and the tiny ViT trains a step about twice as fast on the CPU as the recipe's ResNet.
+    """
     return [
         f"variables.data={SAMPLE}",
+        "global_train_batch_size=32",
+        "model.name=cabs-tiny-clip",
         f"run_folder={tmp_path}",
         f"save_folder={tmp_path}/checkpoints",
         f"selection.selection_log={tmp_path}/selection.jsonl",
@@ -45,45 +53,6 @@ class LossRecorder(Callback):
 
     def batch_end(self, state, logger) -> None:
         self.losses.append(float(state.loss.detach()))
-
-
-def test_quickstart_on_two_gloo_ranks(tmp_path):
-    """composer -n 2 train.py yamls/quickstart.yaml, shortened: it finishes and learns."""
-    log_file = tmp_path / "train-rank0.log"  # each rank writes its own: train-rank{rank}.log
-    args = overrides(
-        tmp_path,
-        "max_duration=10ba",
-        "eval_data.interval=10ba",
-        "save_interval=10ba",
-        "scheduler.t_warmup=0ba",
-        "optimizer.lr=2e-3",
-        f"loggers.file.filename={tmp_path}/train-rank{{rank}}.log",
-        "loggers.file.capture_stdout=false",
-        "loggers.file.capture_stderr=false",
-        "loggers.file.flush_interval=1",
-    )
-    run = subprocess.run(
-        [str(BIN / "composer"), "-n", "2", str(ROOT / "train.py"), str(QUICKSTART), *args],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
-    steps = [json.loads(line) for line in (tmp_path / "selection.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == list(range(10))
-    for step in steps:
-        rank0, rank1 = step["keys"]
-        assert len(rank0) == len(rank1) == 32  # 64 kept over 2 ranks
-        assert not set(rank0) & set(rank1)
-
-    pattern = r"\[metric\]\[batch=\d+\]: loss/train/total: ([0-9.]+)"
-    losses = [float(v) for v in re.findall(pattern, log_file.read_text())]
-    assert len(losses) == 10
-    assert np.mean(losses[-3:]) < np.mean(losses[:3])
-
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics) >= {"zeroshot/top1_accuracy", "retrieval/mean_recall"}
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
-    assert (tmp_path / "checkpoints" / "ep0-ba10-rank0.pt").exists()
 
 
 @pytest.mark.parametrize(
@@ -145,14 +114,13 @@ def test_iid_at_filter_ratio_zero_equals_training_without_the_algorithm(tmp_path
     from cabs_streaming.model import ComposerCLIP
 
     model = ComposerCLIP(cfg.model.name, loss=cfg.model.loss)
-    batch = cfg.global_train_batch_size  # one process: the whole batch
     dataset = ConceptStreamingDataset(
-        local=cfg.train_data.local, batch_size=batch, shuffle=True, shuffle_seed=cfg.seed,
+        local=cfg.train_data.local, batch_size=32, shuffle=True, shuffle_seed=cfg.seed,
         caption=cfg.train_data.caption,
     )
     decoder = model.image_decoder(is_train=True, seed=cfg.seed)
     loader = DataLoader(
-        dataset, batch_size=batch, drop_last=True,
+        dataset, batch_size=32, drop_last=True,
         collate_fn=EagerCollator(decoder, model.tokenizer),
     )
     plain_recorder = LossRecorder()
@@ -166,7 +134,7 @@ def test_iid_at_filter_ratio_zero_equals_training_without_the_algorithm(tmp_path
         seed=cfg.seed,
         device="cpu",
         progress_bar=False,
-        device_train_microbatch_size=batch,
+        device_train_microbatch_size=32,
     )
     plain.fit()
     plain.close()
@@ -216,33 +184,28 @@ def test_a_misspelt_key_fails_suggesting_the_close_one():
     assert "unknown config key(s) optimizer.lrr; did you mean 'optimizer.lr'?" in run.stderr
 
 
-def test_a_superbatch_that_does_not_divide_fails_clearly(tmp_path):
+def test_a_superbatch_that_does_not_divide_fails_clearly(tmp_path, capsys):
     # 30 kept on one rank at f = 0.6 would need a superbatch of 30 / 0.4 = 75: fine; at
     # f = 0.45 it would need 54.54...: refused before anything is built.
-    run = run_train(*overrides(tmp_path, "global_train_batch_size=30", "filter_ratio=0.45"))
-    assert run.returncode == 2
-    assert "needs a superbatch of 54.5455 samples per rank, not a whole number" in run.stderr
+    args = overrides(tmp_path, "global_train_batch_size=30", "filter_ratio=0.45")
+    assert main([str(QUICKSTART), *args]) == 2
+    err = capsys.readouterr().err
+    assert "needs a superbatch of 54.5455 samples per rank, not a whole number" in err
 
 
 @pytest.fixture(scope="module")
 def damaged_sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str]]:
     """The first 480 training samples, every 9th image cut short after its JPEG header."""
-    from streaming import MDSWriter, StreamingDataset
+    broken: set[str] = set()
 
-    from cabs_streaming.concepts import MDS_COLUMNS, Vocabulary
+    def damage(i: int, row: dict) -> dict:
+        if i % 9 == 4:
+            row["image"] = bytes(row["image"])[:64]
+            broken.add(row["key"])
+        return row
 
     root = tmp_path_factory.mktemp("damaged")
-    source = StreamingDataset(local=str(SAMPLE / "train"), batch_size=1, shuffle=False)
-    broken: set[str] = set()
-    with MDSWriter(out=str(root / "train"), columns=MDS_COLUMNS) as writer:
-        for i in range(480):
-            sample = dict(source[i])
-            if i % 9 == 4:
-                sample["image"] = bytes(sample["image"])[:64]
-                broken.add(sample["key"])
-            writer.write(sample)
-    del source
-    Vocabulary.load(str(SAMPLE / "train")).save(str(root / "train"))
+    sample_subset(root / "train", 480, damage)
     return root, broken
 
 
@@ -276,10 +239,10 @@ def test_replace_trains_on_stand_ins_and_logs_every_replacement(tmp_path, damage
     records = [json.loads(line) for line in (tmp_path / "selection.jsonl").open()]
     assert [r["step"] for r in records] == [0, 1, 2]
     logged = [pair for r in records for rank in r.get("replaced", []) for pair in rank]
-    assert logged == [[bad, good] for _, _, bad, good in cabs.replacements]
-    assert len(logged) >= 3  # about one in nine of the 3 x 64 kept samples
+    assert logged == [[r.failed, r.stand_in] for r in cabs.replacements]
+    assert len(logged) >= 3  # about one in nine of 3 x 32 kept samples
     assert {bad for bad, _ in logged} <= broken
     trained = [key for r in records for rank in r["keys"] for key in rank]
-    assert len(trained) == 3 * 64 and not broken & set(trained)
+    assert len(trained) == 3 * 32 and not broken & set(trained)
     assert {good for _, good in logged} <= set(trained)
     trainer.close()

@@ -31,10 +31,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cabs_streaming.tagging import TaggingVocabulary, normalise
 
-from cabs_streaming.tagging import TaggingVocabulary, normalise  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 #: Our own everyday words for the COCO categories (alt-text rarely says "sports ball").
 COCO_SYNONYMS: dict[str, tuple[str, ...]] = {

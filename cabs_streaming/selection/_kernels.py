@@ -55,7 +55,7 @@ def distinct_lists(offsets: np.ndarray, ids: np.ndarray, num_concepts: int):
 
 @_jit
 def concept_table(doc_freq: np.ndarray, b: int, cap: int):
-    """Targets ``t_c`` of CABS_SPEC packed with ``1 / F_c``; returns ``(table, K)``.
+    """Targets ``t_c`` (docs/selection.md#cabs-dm) packed with ``1 / F_c``; returns ``(table, K)``.
 
     ``table`` is ``float64 [V, 4]``: count (0), ``t_c``, ``1 / F_c``, padding; one 32-byte row
     per concept means one cache line per concept visit in the greedy instead of three, and

@@ -152,7 +152,7 @@ def fill_quota(sb: Superbatch, kept: np.ndarray, k: int, seed: int, step: int) -
 
 @dataclass(frozen=True)
 class SelectionStats:
-    """What every selection reports for the logger (CABS_SPEC, "What every selection call ...")."""
+    """What every selection reports for the logger (docs/selection.md#statistics)."""
 
     kept_distinct: int
     """Distinct concepts in the kept global batch."""

@@ -1,7 +1,7 @@
 """CABS-DM (diversity maximisation): a greedy that builds a batch covering many concepts.
 
 The greedy favours samples whose concepts are under their target in the kept batch so far and
-rare in the superbatch (CABS_SPEC, "CABS-DM"). It runs on the *global* superbatch with global
+rare in the superbatch (docs/selection.md#cabs-dm). It runs on the *global* superbatch with global
 counts and per-rank quotas, so the kept global batch is diverse while every image stays on the
 rank that loaded it.
 """
