@@ -324,6 +324,20 @@ def _composer_loggers(cfg: RunConfig) -> list[Any]:
     return loggers
 
 
+def cpu_threads_per_rank(cores: int, local_ranks: int, env: dict[str, str]) -> int | None:
+    """The torch threads each of ``local_ranks`` CPU processes should use, or None to leave it.
+
+    torch starts one intra-op thread per core in every process, so ``composer -n 2`` on a
+    2-core machine ran 4 busy threads on 2 cores and every step several times slower (torchrun
+    sets ``OMP_NUM_THREADS=1`` for this reason; Composer's launcher sets nothing). Each rank
+    gets its share of the cores instead; an ``OMP_NUM_THREADS`` the user set wins, and a single
+    process keeps torch's default.
+    """
+    if "OMP_NUM_THREADS" in env or local_ranks <= 1:
+        return None
+    return max(1, cores // local_ranks)
+
+
 def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
     """Everything but ``fit``: the trainer, the run's paths and what it resumes from."""
     import torch
@@ -345,8 +359,14 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
     from cabs_streaming.runs import CURVES, HISTORY, SUMMARY, save_schedule
     from cabs_streaming.storage import check_s3_locations, tune_checkpoint_uploads
 
+    device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
     if not dist.is_initialized() and dist.get_world_size() > 1:
-        dist.initialize_dist(cfg.device or ("gpu" if torch.cuda.is_available() else "cpu"))
+        dist.initialize_dist(device)
+    if device == "cpu":
+        cores = len(os.sched_getaffinity(0))
+        threads = cpu_threads_per_rank(cores, dist.get_local_world_size(), dict(os.environ))
+        if threads is not None:
+            torch.set_num_threads(threads)
     reproducibility.seed_all(cfg.seed)
     paths = RunPaths.of(cfg, _run_name(cfg))
     check_s3_locations(s3_locations(cfg, paths))  # one clear error now, not many late ones

@@ -19,7 +19,13 @@ from torch.utils.data import DataLoader
 
 from cabs_streaming.config import load_config
 from cabs_streaming.dataset import ConceptCollator, ConceptStreamingDataset
-from cabs_streaming.train import build_optimizer, build_scheduler, build_trainer, main
+from cabs_streaming.train import (
+    build_optimizer,
+    build_scheduler,
+    build_trainer,
+    cpu_threads_per_rank,
+    main,
+)
 
 QUICKSTART = ROOT / "yamls" / "quickstart.yaml"
 BIN = Path(sys.executable).parent
@@ -246,3 +252,12 @@ def test_replace_trains_on_stand_ins_and_logs_every_replacement(tmp_path, damage
     assert len(trained) == 3 * 32 and not broken & set(trained)
     assert {good for _, good in logged} <= set(trained)
     trainer.close()
+
+
+def test_cpu_ranks_share_the_cores_unless_the_user_set_the_threads():
+    """Two CPU ranks on 2 cores ran 4 busy torch threads; each gets its share now."""
+    assert cpu_threads_per_rank(2, 2, {}) == 1
+    assert cpu_threads_per_rank(16, 4, {}) == 4
+    assert cpu_threads_per_rank(2, 4, {}) == 1  # never 0
+    assert cpu_threads_per_rank(8, 1, {}) is None  # one process: torch's own default
+    assert cpu_threads_per_rank(2, 2, {"OMP_NUM_THREADS": "2"}) is None  # the user's choice
