@@ -490,6 +490,49 @@ def test_two_workers_give_the_same_dataset_as_one(
     assert read_back(tmp_path / "one") == read_back(tmp_path / "two")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_workers_do_not_inherit_a_lock_held_in_the_parent(
+    tmp_path: Path, images: dict[str, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CI hung for 87 minutes in the test above: forked workers inherit the parent's locks as they
+    # are at the fork, and one held by another thread then is held for ever in the child. Here
+    # the parent holds a module's lock that the tagger takes; a forked worker deadlocks on it,
+    # a spawned one imports the module afresh.
+    (tmp_path / "heldlock.py").write_text("import threading\nLOCK = threading.Lock()\n")
+    (tmp_path / "locking.py").write_text(
+        "import heldlock\n\ndef tag(image, caption):\n"
+        "    with heldlock.LOCK:\n        return ['dog']\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import heldlock  # type: ignore[import-not-found]
+
+    tars = _many_tars(tmp_path, images)
+    with heldlock.LOCK:
+        report = run(tars, "webdataset", tmp_path / "out", workers=2,
+                     tagger=f"{tmp_path / 'locking.py'}:tag")
+    assert report["written"] == 16 and report["parts"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_worker_killed_mid_conversion_is_an_error_that_names_the_input_not_a_hang(
+    tmp_path: Path, images: dict[str, list[bytes]]
+) -> None:
+    # multiprocessing.Pool replaced a killed worker and waited for ever for the task it lost.
+    (tmp_path / "killer.py").write_text(
+        "import os, signal\n\ndef tag(image, caption):\n"
+        "    if 'tar 2' in caption:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return ['dog']\n"
+    )
+    tars = _many_tars(tmp_path, images)
+    with pytest.raises(ConversionError, match="worker process died") as err:
+        run(tars, "webdataset", tmp_path / "out", workers=2,
+            tagger=f"{tmp_path / 'killer.py'}:tag")
+    assert "shard-00" in str(err.value) and "--workers 1" in str(err.value)
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
 def test_max_samples_per_shard_starts_new_shards(
     tmp_path: Path, images: dict[str, list[bytes]]
 ) -> None:

@@ -41,7 +41,7 @@ from cabs_streaming.converter.passes import (
     split_contiguous,
     write_part,
 )
-from cabs_streaming.converter.progress import init_worker, run_tasks
+from cabs_streaming.converter.progress import run_tasks, start_pool, stop_pool
 from cabs_streaming.converter.records import (
     CONCEPT_SOURCES,
     FORMATS,
@@ -305,13 +305,8 @@ class _Workers:
 @contextmanager
 def _workers(job: Job, processes: int) -> Iterator[_Workers]:
     """The pool and spill folder of one conversion, torn down whatever happens."""
-    context = multiprocessing.get_context()
-    counter = context.Value("q", 0)
-    pool = (
-        context.Pool(processes, initializer=init_worker, initargs=(counter,))
-        if processes > 1
-        else None
-    )
+    counter = multiprocessing.get_context("spawn").Value("q", 0)
+    pool = start_pool(processes, counter) if processes > 1 else None
     spill_dir = tempfile.mkdtemp(prefix="cabs-tagger-") if job.opts.tagger is not None else None
     spills = [
         os.path.join(spill_dir, f"{j:06d}.jsonl") if spill_dir else None
@@ -319,10 +314,14 @@ def _workers(job: Job, processes: int) -> Iterator[_Workers]:
     ]
     try:
         yield _Workers(pool, counter, spills)
-    finally:
+    except BaseException:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            stop_pool(pool)
+        raise
+    else:
+        if pool is not None:
+            pool.shutdown()
+    finally:
         if spill_dir is not None:
             shutil.rmtree(spill_dir, ignore_errors=True)
 
@@ -348,7 +347,8 @@ def _scan_all(job: Job, workers: _Workers, policy: ConceptPolicy) -> _Scanned:
     scanned = _Scanned()
     tasks = [(path, job.opts, policy, workers.spills[j]) for j, path in enumerate(job.files)]
     with tqdm(desc="scan", unit=" samples", disable=not job.progress) as bar:
-        for scan in run_tasks(workers.pool, scan_file, tasks, bar, workers.counter):
+        labels = [f"scanning {path}" for path in job.files]
+        for scan in run_tasks(workers.pool, scan_file, tasks, bar, workers.counter, labels):
             scanned.duplicates.append(frozenset(_fold(scan, owners, scanned.counts, mapper)))
             scanned.records.append(scan.records)
     return scanned
@@ -413,7 +413,8 @@ def _write_all(
     tally = Tally()
     total = sum(scanned.records)
     with tqdm(desc="write", total=total, unit=" samples", disable=not job.progress) as bar:
-        for part in run_tasks(workers.pool, write_part, tasks, bar, workers.counter):
+        labels = [f"writing {task.files[0][0]}" for task in tasks]
+        for part in run_tasks(workers.pool, write_part, tasks, bar, workers.counter, labels):
             tally.add(part, job.examples_per_reason)
     return tally, part_names
 
