@@ -48,7 +48,9 @@ from cabs_streaming.selection import (
     SelectionPolicy,
     SelectionResult,
     get_policy,
+    invariant_stand_ins,
     select,
+    select_invariant,
     stand_ins,
 )
 from cabs_streaming.selection.sizes import check_filter_ratio, keep_per_rank
@@ -63,8 +65,10 @@ __all__ = [
     "append_selection_log",
     "cabs_step",
     "decode_kept",
+    "exchange_kept",
     "finish_kept_batch",
     "gather_concepts",
+    "gather_sample_meta",
     "kept_batch",
     "replace_undecodable",
     "select_superbatch",
@@ -137,6 +141,43 @@ def gather_concepts(
     return global_offsets, global_ids
 
 
+#: Columns of the per-sample metadata world-invariant selection all-gathers.
+META_INDEX, META_IMAGE, META_CAPTION, META_KEY = range(4)
+
+
+def sample_meta(batch: Mapping[str, Any]) -> np.ndarray:
+    """The rank's ``int64 [n, 4]``: global sample index and byte lengths of image, caption, key.
+
+    What every rank needs to order the global superbatch canonically and to size the exchange
+    of the samples that change rank (:func:`exchange_kept`).
+    """
+    if "sample_indices" not in batch:
+        raise ValueError(
+            "world-invariant selection needs every sample's global index: the batch has no "
+            "'sample_indices' (ConceptCollator adds them for samples of ConceptStreamingDataset, "
+            "which carry an 'index')"
+        )
+    indices = torch.as_tensor(batch["sample_indices"]).cpu().numpy().astype(np.int64)
+    meta = np.empty((len(batch["keys"]), 4), dtype=np.int64)
+    meta[:, META_INDEX] = indices
+    meta[:, META_IMAGE] = np.diff(batch["image_bytes"].offsets)
+    meta[:, META_CAPTION] = [len(c.encode("utf-8")) for c in batch["captions"]]
+    meta[:, META_KEY] = [len(k.encode("utf-8")) for k in batch["keys"]]
+    return meta
+
+
+def gather_sample_meta(meta: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+    """All-gather every rank's :func:`sample_meta` into the rank-major ``int64 [world * n, 4]``.
+
+    Ranks hold equal superbatches (:func:`gather_concepts` checks), so one ``all_gather`` of
+    equal shapes does, on gloo and NCCL alike.
+    """
+    if dist.get_world_size() == 1:
+        return meta
+    mine = torch.from_numpy(np.ascontiguousarray(meta)).to(device)
+    return np.concatenate([t.cpu().numpy() for t in dist.all_gather(mine)])
+
+
 def selection_digest(kept: np.ndarray) -> int:
     """A 63-bit digest of a selection, cheap to all-gather and compare across ranks."""
     raw = hashlib.blake2b(np.ascontiguousarray(kept, dtype=np.int64).tobytes(), digest_size=8)
@@ -171,6 +212,11 @@ class SelectionRecord:
     ``offsets``/``ids`` are the global superbatch's concept lists (rank-major CSR); ``kept`` is
     ``int64 [world, k]`` local indices per rank; ``per_rank`` the superbatch size per rank.
     ``policy``, ``seed`` and ``num_concepts`` are what it was selected with.
+
+    World-invariant selection (``meta`` is set: the gathered :func:`sample_meta`) has no local
+    indices: ``kept`` then holds, for every rank, the positions in the gathered superbatch it
+    trains on, some of them loaded by another rank (``cabs_streaming.selection.invariant``);
+    ``moved`` counts those samples and ``moved_bytes`` the bytes sent for them.
     """
 
     step: int
@@ -182,10 +228,25 @@ class SelectionRecord:
     policy: SelectionPolicy | None = None
     seed: int = 0
     num_concepts: int | None = None
+    meta: np.ndarray | None = None
+    moved: int = 0
+    moved_bytes: int = 0
+
+    @property
+    def world_invariant(self) -> bool:
+        """Whether this is a world-invariant selection (``kept`` holds gathered positions)."""
+        return self.meta is not None
+
+    @property
+    def sample_indices(self) -> np.ndarray | None:
+        """Global sample index of every gathered position (world-invariant selection only)."""
+        return None if self.meta is None else self.meta[:, META_INDEX]
 
     @property
     def kept_global(self) -> np.ndarray:
-        """Kept samples as global indices, ``int64 [world * k]``."""
+        """Kept samples as positions in the gathered superbatch, ``int64 [world * k]``."""
+        if self.world_invariant:
+            return self.kept.ravel()
         starts = np.arange(self.kept.shape[0], dtype=np.int64)[:, None] * self.per_rank
         return (self.kept + starts).ravel()
 
@@ -197,6 +258,11 @@ class SelectionRecord:
         if self.policy is None:
             raise ValueError("this record does not name its policy: it has no stand-in order")
         world = self.kept.shape[0]
+        if self.world_invariant:
+            return invariant_stand_ins(
+                self.policy, self.offsets, self.ids, self.sample_indices, world, self.kept, rank,
+                self.seed, self.step, self.num_concepts,
+            )
         return stand_ins(
             self.policy, self.offsets, self.ids, world, self.kept, rank, self.seed, self.step,
             self.num_concepts,
@@ -213,22 +279,162 @@ def select_superbatch(
     num_concepts: int | None = None,
     verify: bool = True,
     device: torch.device | str = "cpu",
+    world_invariant: bool = False,
 ) -> SelectionRecord:
     """The collective half of a step: gather every rank's ids, select, check the ranks agree.
 
     Runs on the thread that owns the collectives, in the same order on every rank. Keeps
     ``superbatch * (1 - filter_ratio)`` per rank, a whole number (docs/selection.md).
+    ``world_invariant`` selects ``world * k`` from the canonically ordered global superbatch
+    and assigns ``k`` to each rank (:func:`cabs_streaming.selection.select_invariant`); the
+    samples that change rank are then moved by :func:`exchange_kept`.
     """
     n = len(batch["keys"])
     k = keep_per_rank(n, filter_ratio)
+    world = dist.get_world_size()
+    meta = gather_sample_meta(sample_meta(batch), device) if world_invariant else None
     offsets, ids = gather_concepts(batch["concept_offsets"], batch["concept_ids"], device)
-    result = select(
-        policy, offsets, ids, world=dist.get_world_size(), k=k, seed=seed, step=step,
-        num_concepts=num_concepts,
-    )
+    if meta is None:
+        result = select(
+            policy, offsets, ids, world=world, k=k, seed=seed, step=step,
+            num_concepts=num_concepts,
+        )
+        kept, moved, moved_bytes = result.kept, 0, 0
+    else:
+        chosen = select_invariant(
+            policy, offsets, ids, meta[:, META_INDEX], world=world, k=k, seed=seed, step=step,
+            num_concepts=num_concepts,
+        )
+        result, kept, moved = chosen.result, chosen.sources, chosen.moved
+        changes = kept // n != np.arange(world)[:, None]
+        moved_bytes = int(_payload_sizes(meta, _token_bytes(batch))[kept[changes]].sum())
     if verify:
-        verify_consensus(result.kept, step, device)
-    return SelectionRecord(step, offsets, ids, result.kept, n, result, policy, seed, num_concepts)
+        verify_consensus(kept, step, device)
+    return SelectionRecord(
+        step, offsets, ids, kept, n, result, policy, seed, num_concepts, meta, moved, moved_bytes
+    )
+
+
+# ------------------------------------------------------------------ moving kept samples
+
+
+def _token_bytes(batch: Mapping[str, Any]) -> int:
+    """Bytes of one sample's caption tokens when the loader tokenized (0 otherwise)."""
+    text = batch.get("text")
+    return 0 if text is None else int(text.shape[1]) * text.element_size()
+
+
+def _payload_sizes(meta: np.ndarray, token_bytes: int) -> np.ndarray:
+    """Bytes :func:`exchange_kept` sends for each gathered sample: key, caption, image, tokens."""
+    return meta[:, META_KEY] + meta[:, META_CAPTION] + meta[:, META_IMAGE] + token_bytes
+
+
+class JoinedImages:
+    """A rank's :class:`~cabs_streaming.dataset.EncodedImages` followed by received images.
+
+    Indexable like the superbatch's ``image_bytes`` (``images[i]`` is a ``memoryview``), without
+    copying the superbatch's buffer.
+    """
+
+    def __init__(self, own: Any, received: Sequence[memoryview]) -> None:
+        self.own = own
+        self.received = list(received)
+
+    def __len__(self) -> int:
+        return len(self.own) + len(self.received)
+
+    def __getitem__(self, index: int) -> memoryview:
+        if index < len(self.own):
+            return self.own[index]
+        return self.received[index - len(self.own)]
+
+
+def exchange_kept(
+    batch: Mapping[str, Any], record: SelectionRecord, device: torch.device | str = "cpu"
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Move the kept samples that change rank; returns this rank's batch and kept indices.
+
+    After a world-invariant selection every rank knows the whole assignment (``record.kept``
+    holds gathered positions) and every sample's byte sizes (``record.meta``), so one
+    ``all_to_all_single`` of ``uint8`` tensors (gloo and NCCL; on NCCL via ``device``) sends
+    each moved sample's key, caption, encoded image and, when the loader tokenized, tokens
+    straight to its new rank; nobody receives what it does not train on. Concept ids are not
+    sent: every rank has all of them from :func:`gather_concepts`. When no sample moves, or
+    with one process, nothing is sent (every rank sees that alike).
+
+    The returned batch is this rank's superbatch with the received samples appended (images
+    as :class:`JoinedImages`), and the indices are this rank's kept samples in it, in the
+    order of ``record.kept[rank]``, ready for :func:`decode_kept`. Stand-ins stay this rank's
+    own unkept samples (indices below the superbatch size).
+    """
+    if not record.world_invariant:
+        raise ValueError("exchange_kept needs a world-invariant SelectionRecord")
+    assert record.meta is not None
+    world, rank, n = record.kept.shape[0], dist.get_global_rank(), record.per_rank
+    token_bytes = _token_bytes(batch)
+    sizes = _payload_sizes(record.meta, token_bytes)
+    owner = record.kept // n
+    mine = record.kept[rank]
+    local = np.where(owner[rank] == rank, mine - rank * n, -1)
+    if record.moved == 0:
+        return dict(batch), local
+    sends = [
+        [] if dest == rank else record.kept[dest][owner[dest] == rank].tolist()
+        for dest in range(world)
+    ]
+    chunks: list[bytes] = []
+    for positions in sends:
+        for position in positions:
+            i = position - rank * n
+            chunks.append(batch["keys"][i].encode("utf-8"))
+            chunks.append(batch["captions"][i].encode("utf-8"))
+            chunks.append(bytes(batch["image_bytes"][i]))
+            if token_bytes:
+                chunks.append(batch["text"][i].cpu().numpy().tobytes())
+    send = torch.frombuffer(bytearray(b"".join(chunks)) or bytearray(1), dtype=torch.uint8)
+    send_sizes = [int(sizes[positions].sum()) for positions in sends]
+    receives = [
+        [] if source == rank else mine[owner[rank] == source].tolist() for source in range(world)
+    ]
+    receive_sizes = [int(sizes[positions].sum()) for positions in receives]
+    received = torch.empty(max(sum(receive_sizes), 1), dtype=torch.uint8, device=device)
+    torch.distributed.all_to_all_single(
+        received[: sum(receive_sizes)],
+        send[: sum(send_sizes)].to(device),
+        output_split_sizes=receive_sizes,
+        input_split_sizes=send_sizes,
+    )
+    raw = memoryview(received.cpu().numpy())
+    keys, captions, images, tokens, where = [], [], [], [], {}
+    cursor = 0
+    for position in (p for positions in receives for p in positions):
+        lengths = record.meta[position]
+        parts = []
+        for length in (lengths[META_KEY], lengths[META_CAPTION], lengths[META_IMAGE], token_bytes):
+            parts.append(raw[cursor : cursor + int(length)])
+            cursor += int(length)
+        where[position] = n + len(keys)
+        keys.append(bytes(parts[0]).decode("utf-8"))
+        captions.append(bytes(parts[1]).decode("utf-8"))
+        images.append(parts[2])
+        if token_bytes:
+            row = np.frombuffer(parts[3], dtype=batch["text"].cpu().numpy().dtype)
+            tokens.append(torch.from_numpy(row.copy()))
+    joined = dict(batch)
+    joined["keys"] = list(batch["keys"]) + keys
+    joined["captions"] = list(batch["captions"]) + captions
+    joined["image_bytes"] = JoinedImages(batch["image_bytes"], images)
+    own_indices = torch.as_tensor(batch["sample_indices"])
+    joined["sample_indices"] = torch.cat(
+        [own_indices.cpu(), torch.from_numpy(record.meta[list(where), META_INDEX].copy())]
+    )
+    if token_bytes:
+        joined["text"] = torch.cat([batch["text"].cpu(), torch.stack(tokens)])
+    local = np.array(
+        [i if i >= 0 else where[int(p)] for i, p in zip(local.tolist(), mine, strict=True)],
+        dtype=np.int64,
+    )
+    return joined, local
 
 
 # ---------------------------------------------------------------------------- the kept batch
@@ -255,6 +461,8 @@ class KeptBatch:
     batch: dict[str, Any]
     decoded: list[Any]
     replacements: list[Replacement] = field(default_factory=list)
+    indices: list[int] | None = None
+    """The trained samples' global indices, when the superbatch carries ``sample_indices``."""
 
 
 def decode_kept(
@@ -299,7 +507,10 @@ def decode_kept(
         )
     text = _kept_tokens(batch, index, tokenizer)
     keys = [batch["keys"][i] for i in index]
-    return KeptBatch({"images": out, "text": text, "keys": keys}, decoded, replaced)
+    indices = None
+    if "sample_indices" in batch:
+        indices = torch.as_tensor(batch["sample_indices"])[index].tolist()
+    return KeptBatch({"images": out, "text": text, "keys": keys}, decoded, replaced, indices)
 
 
 def replace_undecodable(
@@ -489,6 +700,8 @@ class CabsStep:
     replacements: list[Replacement]
     looked_ahead: bool
     """Whether the kept batch was built in the background during the step before."""
+    indices: list[int] | None = None
+    """The global sample indices of ``batch["keys"]``, when the loader carries them."""
 
 
 def cabs_step(
@@ -506,6 +719,7 @@ def cabs_step(
     device: torch.device | str = "cpu",
     lookahead: Lookahead | None = None,
     peek: Callable[[], Any] | None = None,
+    world_invariant: bool = False,
 ) -> CabsStep:
     """One CABS step on this rank's superbatch ``batch``: select, then decode only the kept.
 
@@ -514,6 +728,8 @@ def cabs_step(
     prepared during the step before, and ``peek()`` (the loader's next batch, e.g.
     ``LookaheadDataLoader.peek``) is prepared as step ``step + 1``: selected now, decoded on the
     lookahead's thread. Every rank must call it with the same arguments but its own batch.
+    ``world_invariant`` keeps the same global set on any number of ranks and moves the samples
+    that change rank before decoding (:func:`select_superbatch`, :func:`exchange_kept`).
     """
     batch = require_superbatch(batch)
     rank = dist.get_global_rank()
@@ -522,11 +738,16 @@ def cabs_step(
         record = select_superbatch(
             superbatch, at, policy=policy, filter_ratio=filter_ratio, seed=seed,
             num_concepts=num_concepts, verify=verify, device=device,
+            world_invariant=world_invariant,
         )
+        if record.world_invariant:
+            mine, kept = exchange_kept(superbatch, record, device)  # a collective: on this thread
+        else:
+            mine, kept = superbatch, record.kept[rank]
 
         def work() -> KeptBatch:
             return decode_kept(
-                superbatch, record.kept[rank], at, rank, decoder=decoder, tokenizer=tokenizer,
+                mine, kept, at, rank, decoder=decoder, tokenizer=tokenizer,
                 stand_ins=lambda: record.stand_ins(rank), on_decode_error=on_decode_error,
             )
 
@@ -542,25 +763,38 @@ def cabs_step(
         upcoming = _upcoming_superbatch(peek, device)
         if upcoming is not None:
             lookahead.start(step + 1, upcoming["keys"], *prepare(upcoming, step + 1))
-    return CabsStep(out, prepared.record, built.replacements, prepared.future is not None)
+    return CabsStep(
+        out, prepared.record, built.replacements, prepared.future is not None, built.indices
+    )
 
 
 def append_selection_log(
-    path: str, step: int, kept_keys: Sequence[str], replaced: Sequence[tuple[str, str]]
+    path: str,
+    step: int,
+    kept_keys: Sequence[str],
+    replaced: Sequence[tuple[str, str]],
+    indices: Sequence[int] | None = None,
 ) -> None:
-    """Rank 0 appends ``{"step", "keys": [[rank 0's kept keys], ...], "replaced"?}`` to ``path``.
+    """Rank 0 appends ``{"step", "keys": [[rank 0's kept keys], ...], "indices"?, "replaced"?}``.
 
-    A collective: every rank calls it with its own kept keys and ``(failed, stand-in)`` pairs.
+    A collective: every rank calls it with its own kept keys, their global sample ``indices``
+    (when the loader carries them; logged as ``"indices"``, one list per rank like ``"keys"``)
+    and ``(failed, stand-in)`` pairs.
     """
-    every_rank = dist.all_gather_object((list(kept_keys), [list(r) for r in replaced]))
+    pairs = [list(r) for r in replaced]
+    every_rank = dist.all_gather_object(
+        (list(kept_keys), pairs, None if indices is None else list(indices))
+    )
     if dist.get_global_rank() != 0:
         return
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    record: dict[str, Any] = {"step": step, "keys": [keys for keys, _ in every_rank]}
-    if any(pairs for _, pairs in every_rank):
-        record["replaced"] = [pairs for _, pairs in every_rank]
+    record: dict[str, Any] = {"step": step, "keys": [keys for keys, _, _ in every_rank]}
+    if all(index is not None for _, _, index in every_rank):
+        record["indices"] = [[int(i) for i in index] for _, _, index in every_rank]
+    if any(pairs for _, pairs, _ in every_rank):
+        record["replaced"] = [pairs for _, pairs, _ in every_rank]
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -611,6 +845,12 @@ class ConceptAwareBatchSampling(Algorithm):
             The batches are identical with and without it; it costs one superbatch of encoded
             bytes and one kept batch of memory. With other loaders it has no effect.
         log_prefix: prefix of the logged statistics.
+        world_invariant: select the global batch as a function of the global superbatch's
+            samples only (one quota ``world * k`` over the superbatch in global sample index
+            order), then give every rank ``k`` of them, moving the fewest samples between ranks
+            (their bytes go by one ``all_to_all``; ``cabs/moved_samples`` and
+            ``cabs/moved_bytes`` are logged). The same kept sets on any number of ranks, so a
+            run can resume on another world size (docs/selection.md#world-invariant-selection).
 
     Example::
 
@@ -638,6 +878,7 @@ class ConceptAwareBatchSampling(Algorithm):
         on_decode_error: str = "raise",
         lookahead: bool = True,
         log_prefix: str = "cabs/",
+        world_invariant: bool = False,
     ) -> None:
         filter_ratio = check_filter_ratio(filter_ratio)
         if on_decode_error not in DECODE_ERROR_MODES:
@@ -660,6 +901,7 @@ class ConceptAwareBatchSampling(Algorithm):
         self.on_decode_error = on_decode_error
         self.lookahead = lookahead
         self.log_prefix = log_prefix
+        self.world_invariant = bool(world_invariant)
         self._ahead = Lookahead()
         #: Steps whose kept batch was built in the background during the step before.
         self.looked_ahead = 0
@@ -671,7 +913,8 @@ class ConceptAwareBatchSampling(Algorithm):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(policy={self.policy.config()!r}, "
-            f"filter_ratio={self.filter_ratio}, seed={self.seed})"
+            f"filter_ratio={self.filter_ratio}, seed={self.seed}, "
+            f"world_invariant={self.world_invariant})"
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -680,17 +923,33 @@ class ConceptAwareBatchSampling(Algorithm):
             "policy": self.policy.config(),
             "filter_ratio": self.filter_ratio,
             "seed": self.seed,
+            "world_invariant": self.world_invariant,
+            "world_size": dist.get_world_size(),
             "repr": repr(self),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore (selection is a pure function); warn if the config changed."""
+        """Nothing to restore (selection is a pure function); warn if the config changed.
+
+        Resuming on another number of ranks keeps the uninterrupted run's kept sets only in
+        world-invariant mode; a rank-local run is warned that its batches will differ.
+        """
         saved = {k: state.get(k) for k in ("policy", "filter_ratio", "seed")}
+        saved["world_invariant"] = bool(state.get("world_invariant", False))
         current = {k: v for k, v in self.state_dict().items() if k in saved}
         if saved != current:
             warnings.warn(
                 f"resuming with a different CABS configuration: the checkpoint used {saved}, "
                 f"this run uses {current}; batches from here on follow the new configuration",
+                stacklevel=2,
+            )
+        world, before = dist.get_world_size(), state.get("world_size")
+        if before is not None and before != world and not self.world_invariant:
+            warnings.warn(
+                f"resuming a checkpoint of {before} rank(s) on {world}: rank-local selection "
+                "keeps different samples from here on than the original run would have; set "
+                "selection.world_invariant=true (from the start of a run) to keep the same "
+                "global batches on any number of ranks",
                 stacklevel=2,
             )
 
@@ -715,6 +974,7 @@ class ConceptAwareBatchSampling(Algorithm):
             verify=self.verify_consensus, device=collective_device(state),
             lookahead=self._ahead if self.lookahead else None,
             peek=loader.peek if isinstance(loader, LookaheadDataLoader) else None,
+            world_invariant=self.world_invariant,
         )
         state.batch = done.batch
         self.last = done.record
@@ -722,7 +982,12 @@ class ConceptAwareBatchSampling(Algorithm):
         self.replacements += done.replacements
         metrics = done.record.result.stats.as_dict(self.log_prefix)
         metrics[f"{self.log_prefix}decode_replaced"] = float(len(done.replacements))
+        if done.record.world_invariant:
+            metrics[f"{self.log_prefix}moved_samples"] = float(done.record.moved)
+            metrics[f"{self.log_prefix}moved_bytes"] = float(done.record.moved_bytes)
         logger.log_metrics(metrics)
         if self.selection_log:
             replaced = [(r.failed, r.stand_in) for r in done.replacements]
-            append_selection_log(self.selection_log, step, done.batch["keys"], replaced)
+            append_selection_log(
+                self.selection_log, step, done.batch["keys"], replaced, done.indices
+            )
