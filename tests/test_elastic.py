@@ -8,13 +8,14 @@ same *set* of samples, not the same placement). The launcher tests are test_elas
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import noise_jpeg
 
-from cabs_streaming.algorithm import append_selection_log, cabs_step
+from cabs_streaming.algorithm import ConceptAwareBatchSampling, append_selection_log, cabs_step
 from cabs_streaming.dataset import CaptionTokenizer, ConceptCollator
 from cabs_streaming.decode import ImageDecoder
 from cabs_streaming.selection import (
@@ -184,6 +185,24 @@ def test_global_batch_that_does_not_divide_the_new_world_size_names_the_keys():
     assert superbatch_per_rank(32, 4, 0.8) == 40
     with pytest.raises(ValueError, match="global_train_batch_size=32 does not divide over 3"):
         superbatch_per_rank(32, 3, 0.8)
+
+
+def test_resuming_rank_local_selection_on_another_world_size_warns():
+    cabs = ConceptAwareBatchSampling(
+        decoder=ImageDecoder(32, is_train=True, seed=3, num_threads=1), filter_ratio=0.5
+    )
+    saved = {**cabs.state_dict(), "world_size": 2}
+    with pytest.warns(UserWarning, match="resuming a checkpoint of 2 rank"):
+        cabs.load_state_dict(saved)
+    invariant = ConceptAwareBatchSampling(
+        decoder=ImageDecoder(32, is_train=True, seed=3, num_threads=1), filter_ratio=0.5,
+        world_invariant=True,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        invariant.load_state_dict({**invariant.state_dict(), "world_size": 2})
+    with pytest.warns(UserWarning, match="different CABS configuration"):
+        invariant.load_state_dict(saved)  # the checkpoint's selection was rank-local
 
 
 # ------------------------------------------------------------------------ one process, real data
