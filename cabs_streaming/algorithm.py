@@ -475,11 +475,15 @@ def decode_kept(
     tokenizer: CaptionTokenizer | None = None,
     stand_ins: Callable[[], np.ndarray] | None = None,
     on_decode_error: str = "raise",
+    crop_keys: Sequence[int] | None = None,
 ) -> KeptBatch:
     """Decode, augment and tokenize this rank's kept samples ``kept`` (local indices).
 
     Thread-safe: it touches no shared state, so it may run on a background thread while the
-    model trains. The train crop of slot ``i`` is seeded by ``(decoder.seed, step, rank, i)``.
+    model trains. The train crop of slot ``i`` is seeded by ``(decoder.seed, step, rank, i)``,
+    or, with ``crop_keys`` (world-invariant selection passes the global sample indices), by
+    ``(decoder.seed, step, crop_keys[i], 0)``: then a sample's crop does not depend on which
+    rank or slot it lands in, and neither does the global batch the model sees.
     A kept image that does not decode raises an ``ImageDecodeError`` naming the sample
     (``on_decode_error="raise"``) or is replaced by the first decodable of ``stand_ins()``
     (``"replace"``; see :func:`replace_undecodable`). Captions are tokenized only for the kept
@@ -487,10 +491,14 @@ def decode_kept(
     """
     index = kept.tolist()
     out = decoder.output_buffer(len(index))
-    decoded = decoder.decode_pixels(
-        [batch["image_bytes"][i] for i in index], [batch["keys"][i] for i in index],
-        step=step, rank=rank, errors="return", out=out,
-    )
+    images = [batch["image_bytes"][i] for i in index]
+    names = [batch["keys"][i] for i in index]
+    if crop_keys is None:
+        decoded = decoder.decode_pixels(
+            images, names, step=step, rank=rank, errors="return", out=out,
+        )  # fmt: skip
+    else:
+        decoded = _decode_keyed(decoder, images, names, step, [int(c) for c in crop_keys], out)
     failed = [slot for slot, d in enumerate(decoded) if isinstance(d, ImageDecodeError)]
     replaced: list[Replacement] = []
     if failed:
@@ -511,6 +519,40 @@ def decode_kept(
     if "sample_indices" in batch:
         indices = torch.as_tensor(batch["sample_indices"])[index].tolist()
     return KeptBatch({"images": out, "text": text, "keys": keys}, decoded, replaced, indices)
+
+
+#: Thread pools of :func:`_decode_keyed`, by size (one per decoder thread count in use).
+_KEYED_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _decode_keyed(
+    decoder: ImageDecoder,
+    images: Sequence[Any],
+    keys: Sequence[str],
+    step: int,
+    crop_keys: Sequence[int],
+    out: torch.Tensor | None,
+) -> list[Any]:
+    """``decode_pixels`` with image ``i``'s crop seeded by ``(seed, step, crop_keys[i], 0)``.
+
+    ``ImageDecoder`` seeds a crop by the call's ``rank`` and the image's position in the call,
+    so each image is its own call (with ``rank=crop_keys[i]``), run on ``decoder.num_threads``
+    threads as ``decode_pixels`` would run them.
+    """
+
+    def one(slot: int) -> Any:
+        row = None if out is None else out[slot : slot + 1]
+        return decoder.decode_pixels(
+            [images[slot]], [keys[slot]], step=step, rank=crop_keys[slot], errors="return",
+            out=row,
+        )[0]  # fmt: skip
+
+    threads = decoder.num_threads
+    if threads <= 1 or len(images) <= 1:
+        return [one(slot) for slot in range(len(images))]
+    if threads not in _KEYED_POOLS:
+        _KEYED_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="cabs-keyed")
+    return list(_KEYED_POOLS[threads].map(one, range(len(images))))
 
 
 def replace_undecodable(
@@ -745,10 +787,15 @@ def cabs_step(
         else:
             mine, kept = superbatch, record.kept[rank]
 
+        crop_keys = None
+        if record.world_invariant:  # crops follow the sample, not its rank and slot
+            crop_keys = torch.as_tensor(mine["sample_indices"])[kept].tolist()
+
         def work() -> KeptBatch:
             return decode_kept(
                 mine, kept, at, rank, decoder=decoder, tokenizer=tokenizer,
                 stand_ins=lambda: record.stand_ins(rank), on_decode_error=on_decode_error,
+                crop_keys=crop_keys,
             )
 
         return record, work

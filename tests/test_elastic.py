@@ -13,9 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import noise_jpeg
 
-from cabs_streaming.algorithm import ConceptAwareBatchSampling, append_selection_log, cabs_step
+from cabs_streaming.algorithm import (
+    ConceptAwareBatchSampling,
+    append_selection_log,
+    cabs_step,
+    decode_kept,
+)
 from cabs_streaming.dataset import CaptionTokenizer, ConceptCollator
 from cabs_streaming.decode import ImageDecoder
 from cabs_streaming.selection import (
@@ -246,6 +252,25 @@ def test_one_process_step_trains_on_the_invariant_kept_set(tmp_path: Path):
     append_selection_log(str(log), 4, done.batch["keys"], [], done.indices)
     record = json.loads(log.read_text())
     assert record == {"step": 4, "keys": [done.batch["keys"]], "indices": [done.indices]}
+
+
+def test_crops_keyed_by_sample_do_not_depend_on_rank_or_slot():
+    batch = ConceptCollator()(samples(4))
+    tokenizer = CaptionTokenizer("ViT-B-32")
+    decoder = ImageDecoder(32, is_train=True, seed=3, num_threads=2)
+    first = decode_kept(
+        batch, np.array([1, 3]), 6, 0, decoder=decoder, tokenizer=tokenizer, crop_keys=[93, 79]
+    )
+    second = decode_kept(
+        batch, np.array([3, 0, 1]), 6, 1, decoder=decoder, tokenizer=tokenizer,
+        crop_keys=[79, 100, 93],
+    )  # fmt: skip
+    assert torch.equal(first.batch["images"][0], second.batch["images"][2])
+    assert torch.equal(first.batch["images"][1], second.batch["images"][0])
+    assert first.indices == [93, 79]
+    # Without keys the crop follows (rank, slot): the same image is cropped differently.
+    plain = decode_kept(batch, np.array([3, 1]), 6, 0, decoder=decoder, tokenizer=tokenizer)
+    assert not torch.equal(plain.batch["images"][0], first.batch["images"][1])
 
 
 def test_world_invariant_step_without_sample_indices_says_what_is_missing():
