@@ -349,6 +349,43 @@ class JoinedImages:
         return self.received[index - len(self.own)]
 
 
+def _pack(batch: Mapping[str, Any], local: Sequence[int]) -> torch.Tensor:
+    """The payloads of this rank's samples ``local``, back to back: key, caption, image, tokens."""
+    chunks: list[bytes] = []
+    for i in local:
+        chunks.append(batch["keys"][i].encode("utf-8"))
+        chunks.append(batch["captions"][i].encode("utf-8"))
+        chunks.append(bytes(batch["image_bytes"][i]))
+        if "text" in batch:
+            chunks.append(batch["text"][i].cpu().numpy().tobytes())
+    return torch.frombuffer(bytearray(b"".join(chunks)) or bytearray(1), dtype=torch.uint8)
+
+
+def _unpack(
+    raw: memoryview, meta: np.ndarray, text: torch.Tensor | None
+) -> tuple[list[str], list[str], list[memoryview], list[torch.Tensor]]:
+    """Split received payloads (sizes from the senders' ``meta`` rows) as :func:`_pack` built them.
+
+    ``text`` is this rank's token tensor when the loader tokenized (its row shape and dtype are
+    every rank's), else None.
+    """
+    keys, captions, images, tokens = [], [], [], []
+    token_bytes = 0 if text is None else int(text.shape[1]) * text.element_size()
+    cursor = 0
+    for lengths in meta:
+        parts = []
+        for length in (lengths[META_KEY], lengths[META_CAPTION], lengths[META_IMAGE], token_bytes):
+            parts.append(raw[cursor : cursor + int(length)])
+            cursor += int(length)
+        keys.append(bytes(parts[0]).decode("utf-8"))
+        captions.append(bytes(parts[1]).decode("utf-8"))
+        images.append(parts[2])
+        if text is not None:
+            row = np.frombuffer(parts[3], dtype=text.cpu().numpy().dtype)
+            tokens.append(torch.from_numpy(row.copy()))
+    return keys, captions, images, tokens
+
+
 def exchange_kept(
     batch: Mapping[str, Any], record: SelectionRecord, device: torch.device | str = "cpu"
 ) -> tuple[dict[str, Any], np.ndarray]:
@@ -382,16 +419,7 @@ def exchange_kept(
         [] if dest == rank else record.kept[dest][owner[dest] == rank].tolist()
         for dest in range(world)
     ]
-    chunks: list[bytes] = []
-    for positions in sends:
-        for position in positions:
-            i = position - rank * n
-            chunks.append(batch["keys"][i].encode("utf-8"))
-            chunks.append(batch["captions"][i].encode("utf-8"))
-            chunks.append(bytes(batch["image_bytes"][i]))
-            if token_bytes:
-                chunks.append(batch["text"][i].cpu().numpy().tobytes())
-    send = torch.frombuffer(bytearray(b"".join(chunks)) or bytearray(1), dtype=torch.uint8)
+    send = _pack(batch, [p - rank * n for positions in sends for p in positions])
     send_sizes = [int(sizes[positions].sum()) for positions in sends]
     receives = [
         [] if source == rank else mine[owner[rank] == source].tolist() for source in range(world)
@@ -404,31 +432,20 @@ def exchange_kept(
         output_split_sizes=receive_sizes,
         input_split_sizes=send_sizes,
     )
-    raw = memoryview(received.cpu().numpy())
-    keys, captions, images, tokens, where = [], [], [], [], {}
-    cursor = 0
-    for position in (p for positions in receives for p in positions):
-        lengths = record.meta[position]
-        parts = []
-        for length in (lengths[META_KEY], lengths[META_CAPTION], lengths[META_IMAGE], token_bytes):
-            parts.append(raw[cursor : cursor + int(length)])
-            cursor += int(length)
-        where[position] = n + len(keys)
-        keys.append(bytes(parts[0]).decode("utf-8"))
-        captions.append(bytes(parts[1]).decode("utf-8"))
-        images.append(parts[2])
-        if token_bytes:
-            row = np.frombuffer(parts[3], dtype=batch["text"].cpu().numpy().dtype)
-            tokens.append(torch.from_numpy(row.copy()))
+    order = [p for positions in receives for p in positions]
+    keys, captions, images, tokens = _unpack(
+        memoryview(received.cpu().numpy()), record.meta[order], batch.get("text")
+    )
+    where = {position: n + i for i, position in enumerate(order)}
     joined = dict(batch)
     joined["keys"] = list(batch["keys"]) + keys
     joined["captions"] = list(batch["captions"]) + captions
     joined["image_bytes"] = JoinedImages(batch["image_bytes"], images)
     own_indices = torch.as_tensor(batch["sample_indices"])
     joined["sample_indices"] = torch.cat(
-        [own_indices.cpu(), torch.from_numpy(record.meta[list(where), META_INDEX].copy())]
+        [own_indices.cpu(), torch.from_numpy(record.meta[order, META_INDEX].copy())]
     )
-    if token_bytes:
+    if tokens:
         joined["text"] = torch.cat([batch["text"].cpu(), torch.stack(tokens)])
     local = np.array(
         [i if i >= 0 else where[int(p)] for i, p in zip(local.tolist(), mine, strict=True)],

@@ -281,3 +281,79 @@ def test_world_invariant_step_without_sample_indices_says_what_is_missing():
             batch, 0, policy=get_policy("iid"), filter_ratio=0.5, seed=1, decoder=decoder,
             world_invariant=True,
         )  # fmt: skip
+
+
+# ------------------------------------------------------------- the exchange, two gloo processes
+
+#: Rank 0 loads the six samples with the most instances (``i % 4`` of 2 and 3), which CABS-FM
+#: keeps, so three of them move to rank 1.
+RICH = ("s2", "s3", "s6", "s7", "s10", "s11")
+
+
+def _exchange_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: select world-invariantly and move what changes rank."""
+    import os
+
+    import torch.distributed as torch_dist
+
+    from cabs_streaming.algorithm import exchange_kept, select_superbatch
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+        NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        mine = [s for s in samples(12) if (s["key"] in RICH) == (rank == 0)]
+        batch = ConceptCollator(tokenizer=CaptionTokenizer("ViT-B-32"))(mine)
+        record = select_superbatch(
+            batch, 3, policy=get_policy("frequency"), filter_ratio=0.5, seed=0,
+            world_invariant=True,
+        )  # fmt: skip
+        joined, kept = exchange_kept(batch, record)
+        rows = [
+            [
+                joined["keys"][i], int(joined["sample_indices"][i]),
+                bytes(joined["image_bytes"][i]), joined["captions"][i], joined["text"][i].tolist(),
+            ]
+            for i in kept.tolist()
+        ]  # fmt: skip
+        torch.save({"rows": rows, "moved": record.moved, "bytes": record.moved_bytes}, out)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_exchange_moves_bytes_captions_and_tokens_between_gloo_ranks(tmp_path: Path):
+    from helpers import free_port
+
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    port = free_port()
+    torch.multiprocessing.start_processes(
+        _run_exchange_worker, args=(port, outs), nprocs=2, start_method="spawn"
+    )
+    results = [torch.load(out, weights_only=False) for out in outs]
+    everything = {s["key"]: s for s in samples(12)}
+    tokens = CaptionTokenizer("ViT-B-32")
+    for result in results:
+        assert result["moved"] == 3
+        assert len(result["rows"]) == 3
+        for key, index, image, caption, text in result["rows"]:
+            sample = everything[key]
+            assert (index, image, caption) == (sample["index"], sample["image"], sample["caption"])
+            assert text == tokens([caption])[0].tolist()
+    kept = [{row[0] for row in result["rows"]} for result in results]
+    assert kept[0] | kept[1] == set(RICH) and not kept[0] & kept[1]
+    # Rank 0 keeps its lowest sample indices (s11, s10, s7: 23, 30, 51) and gives away the rest.
+    assert kept[0] == {"s7", "s10", "s11"}
+    moved_keys = ("s2", "s3", "s6")
+    expected = sum(
+        len(k.encode()) + len(everything[k]["caption"].encode()) + len(everything[k]["image"])
+        + 77 * 8
+        for k in moved_keys
+    )  # fmt: skip
+    assert results[0]["bytes"] == results[1]["bytes"] == expected
+
+
+def _run_exchange_worker(rank: int, port: int, outs: list[str]) -> None:
+    _exchange_worker(rank, port, outs[rank])

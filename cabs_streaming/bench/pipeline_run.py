@@ -775,6 +775,8 @@ class Bench:
                 "normalize": self.main_decoder.seconds["normalize"],
                 "tokenize": self.main_tokenizer.seconds,
             }
+            if config == "invariant":  # one decode_pixels call per image, on several threads:
+                result["decode_thread_ms_per_step"] = parts.pop("decode_pixels") * per_step
             parts["rest"] = work - sum(parts.values())  # stack, index lists, apply's own work
             result["main_ms_per_step"]["work_breakdown"] = {
                 key: value * per_step for key, value in parts.items()
@@ -879,6 +881,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 key: median_of(["worker_ms_per_step", key])
                 for key in results[0]["worker_ms_per_step"]
             }
+        if "decode_thread_ms_per_step" in results[0]:
+            entry["decode_thread_ms_per_step"] = median_of(["decode_thread_ms_per_step"])
         if "moved_per_step" in results[0]:
             entry["moved_per_step"] = {
                 key: median_of(["moved_per_step", key]) for key in ("samples", "bytes")
