@@ -10,6 +10,11 @@ work for step ``t + 1`` starts during step ``t`` (selection on the calling threa
 background thread), so decoding overlaps the model step as it does in plain training's loader
 workers; the batches are the same (docs/design.md#lookahead).
 
+With ``world_invariant`` the policy keeps ``world * k`` of the global superbatch ordered by
+global sample index, the kept samples are dealt to ranks, and those that change rank are moved
+by :func:`exchange_kept` (one ``all_to_all``), so every world size trains on the same global
+batches (docs/selection.md#world-invariant-selection).
+
 Composer counted the batch's samples before this event fired, so the sample counter and the
 dataset's resume position stay those of the superbatch that was drawn, while the model trains on
 the kept part (docs/design.md#the-drawn-count). Selection lives here and never in
