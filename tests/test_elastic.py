@@ -74,9 +74,12 @@ def test_kept_set_is_the_same_on_any_world_size_and_placement(name, options, see
             assert chosen.sources.shape == (world, 40 // world)
             assert sorted(where[chosen.sources.ravel()].tolist()) == chosen.kept.tolist()
             kept_sets.append(chosen.kept.tolist())
-            assert chosen.result.stats.kept_distinct == select_invariant(
-                policy, *spread(indices, lists, np.arange(80)), 1, 40, 7, step=5
-            ).result.stats.kept_distinct
+            assert (
+                chosen.result.stats.kept_distinct
+                == select_invariant(
+                    policy, *spread(indices, lists, np.arange(80)), 1, 40, 7, step=5
+                ).result.stats.kept_distinct
+            )
     assert all(kept == kept_sets[0] for kept in kept_sets)
     assert len(set(kept_sets[0])) == 40
 

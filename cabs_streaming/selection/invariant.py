@@ -147,7 +147,13 @@ def select_invariant(
     order = canonical_order(indices)
     c_offsets, c_ids = reorder_ragged(offsets, np.asarray(ids), order)
     result = select(
-        policy, c_offsets, c_ids, world=1, k=world * k, seed=seed, step=step,
+        policy,
+        c_offsets,
+        c_ids,
+        world=1,
+        k=world * k,
+        seed=seed,
+        step=step,
         num_concepts=num_concepts,
     )
     kept_positions = order[result.kept[0]]
