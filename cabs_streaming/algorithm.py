@@ -10,6 +10,11 @@ work for step ``t + 1`` starts during step ``t`` (selection on the calling threa
 background thread), so decoding overlaps the model step as it does in plain training's loader
 workers; the batches are the same (docs/design.md#lookahead).
 
+With ``world_invariant`` the policy keeps ``world * k`` of the global superbatch ordered by
+global sample index, the kept samples are dealt to ranks, and those that change rank are moved
+by :func:`exchange_kept` (one ``all_to_all``), so every world size trains on the same global
+batches (docs/selection.md#world-invariant-selection).
+
 Composer counted the batch's samples before this event fired, so the sample counter and the
 dataset's resume position stay those of the superbatch that was drawn, while the model trains on
 the kept part (docs/design.md#the-drawn-count). Selection lives here and never in
@@ -48,7 +53,9 @@ from cabs_streaming.selection import (
     SelectionPolicy,
     SelectionResult,
     get_policy,
+    invariant_stand_ins,
     select,
+    select_invariant,
     stand_ins,
 )
 from cabs_streaming.selection.sizes import check_filter_ratio, keep_per_rank
@@ -63,8 +70,10 @@ __all__ = [
     "append_selection_log",
     "cabs_step",
     "decode_kept",
+    "exchange_kept",
     "finish_kept_batch",
     "gather_concepts",
+    "gather_sample_meta",
     "kept_batch",
     "replace_undecodable",
     "select_superbatch",
@@ -137,6 +146,43 @@ def gather_concepts(
     return global_offsets, global_ids
 
 
+#: Columns of the per-sample metadata world-invariant selection all-gathers.
+META_INDEX, META_IMAGE, META_CAPTION, META_KEY = range(4)
+
+
+def sample_meta(batch: Mapping[str, Any]) -> np.ndarray:
+    """The rank's ``int64 [n, 4]``: global sample index and byte lengths of image, caption, key.
+
+    What every rank needs to order the global superbatch canonically and to size the exchange
+    of the samples that change rank (:func:`exchange_kept`).
+    """
+    if "sample_indices" not in batch:
+        raise ValueError(
+            "world-invariant selection needs every sample's global index: the batch has no "
+            "'sample_indices' (ConceptCollator adds them for samples of ConceptStreamingDataset, "
+            "which carry an 'index')"
+        )
+    indices = torch.as_tensor(batch["sample_indices"]).cpu().numpy().astype(np.int64)
+    meta = np.empty((len(batch["keys"]), 4), dtype=np.int64)
+    meta[:, META_INDEX] = indices
+    meta[:, META_IMAGE] = np.diff(batch["image_bytes"].offsets)
+    meta[:, META_CAPTION] = [len(c.encode("utf-8")) for c in batch["captions"]]
+    meta[:, META_KEY] = [len(k.encode("utf-8")) for k in batch["keys"]]
+    return meta
+
+
+def gather_sample_meta(meta: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+    """All-gather every rank's :func:`sample_meta` into the rank-major ``int64 [world * n, 4]``.
+
+    Ranks hold equal superbatches (:func:`gather_concepts` checks), so one ``all_gather`` of
+    equal shapes does, on gloo and NCCL alike.
+    """
+    if dist.get_world_size() == 1:
+        return meta
+    mine = torch.from_numpy(np.ascontiguousarray(meta)).to(device)
+    return np.concatenate([t.cpu().numpy() for t in dist.all_gather(mine)])
+
+
 def selection_digest(kept: np.ndarray) -> int:
     """A 63-bit digest of a selection, cheap to all-gather and compare across ranks."""
     raw = hashlib.blake2b(np.ascontiguousarray(kept, dtype=np.int64).tobytes(), digest_size=8)
@@ -171,6 +217,11 @@ class SelectionRecord:
     ``offsets``/``ids`` are the global superbatch's concept lists (rank-major CSR); ``kept`` is
     ``int64 [world, k]`` local indices per rank; ``per_rank`` the superbatch size per rank.
     ``policy``, ``seed`` and ``num_concepts`` are what it was selected with.
+
+    World-invariant selection (``meta`` is set: the gathered :func:`sample_meta`) has no local
+    indices: ``kept`` then holds, for every rank, the positions in the gathered superbatch it
+    trains on, some of them loaded by another rank (``cabs_streaming.selection.invariant``);
+    ``moved`` counts those samples and ``moved_bytes`` the bytes sent for them.
     """
 
     step: int
@@ -182,10 +233,25 @@ class SelectionRecord:
     policy: SelectionPolicy | None = None
     seed: int = 0
     num_concepts: int | None = None
+    meta: np.ndarray | None = None
+    moved: int = 0
+    moved_bytes: int = 0
+
+    @property
+    def world_invariant(self) -> bool:
+        """Whether this is a world-invariant selection (``kept`` holds gathered positions)."""
+        return self.meta is not None
+
+    @property
+    def sample_indices(self) -> np.ndarray | None:
+        """Global sample index of every gathered position (world-invariant selection only)."""
+        return None if self.meta is None else self.meta[:, META_INDEX]
 
     @property
     def kept_global(self) -> np.ndarray:
-        """Kept samples as global indices, ``int64 [world * k]``."""
+        """Kept samples as positions in the gathered superbatch, ``int64 [world * k]``."""
+        if self.world_invariant:
+            return self.kept.ravel()
         starts = np.arange(self.kept.shape[0], dtype=np.int64)[:, None] * self.per_rank
         return (self.kept + starts).ravel()
 
@@ -197,6 +263,11 @@ class SelectionRecord:
         if self.policy is None:
             raise ValueError("this record does not name its policy: it has no stand-in order")
         world = self.kept.shape[0]
+        if self.world_invariant:
+            return invariant_stand_ins(
+                self.policy, self.offsets, self.ids, self.sample_indices, world, self.kept, rank,
+                self.seed, self.step, self.num_concepts,
+            )
         return stand_ins(
             self.policy, self.offsets, self.ids, world, self.kept, rank, self.seed, self.step,
             self.num_concepts,
@@ -213,22 +284,179 @@ def select_superbatch(
     num_concepts: int | None = None,
     verify: bool = True,
     device: torch.device | str = "cpu",
+    world_invariant: bool = False,
 ) -> SelectionRecord:
     """The collective half of a step: gather every rank's ids, select, check the ranks agree.
 
     Runs on the thread that owns the collectives, in the same order on every rank. Keeps
     ``superbatch * (1 - filter_ratio)`` per rank, a whole number (docs/selection.md).
+    ``world_invariant`` selects ``world * k`` from the canonically ordered global superbatch
+    and assigns ``k`` to each rank (:func:`cabs_streaming.selection.select_invariant`); the
+    samples that change rank are then moved by :func:`exchange_kept`.
     """
     n = len(batch["keys"])
     k = keep_per_rank(n, filter_ratio)
+    world = dist.get_world_size()
+    meta = gather_sample_meta(sample_meta(batch), device) if world_invariant else None
     offsets, ids = gather_concepts(batch["concept_offsets"], batch["concept_ids"], device)
-    result = select(
-        policy, offsets, ids, world=dist.get_world_size(), k=k, seed=seed, step=step,
-        num_concepts=num_concepts,
-    )
+    if meta is None:
+        result = select(
+            policy, offsets, ids, world=world, k=k, seed=seed, step=step,
+            num_concepts=num_concepts,
+        )
+        kept, moved, moved_bytes = result.kept, 0, 0
+    else:
+        chosen = select_invariant(
+            policy, offsets, ids, meta[:, META_INDEX], world=world, k=k, seed=seed, step=step,
+            num_concepts=num_concepts,
+        )
+        result, kept, moved = chosen.result, chosen.sources, chosen.moved
+        changes = kept // n != np.arange(world)[:, None]
+        moved_bytes = int(_payload_sizes(meta, _token_bytes(batch))[kept[changes]].sum())
     if verify:
-        verify_consensus(result.kept, step, device)
-    return SelectionRecord(step, offsets, ids, result.kept, n, result, policy, seed, num_concepts)
+        verify_consensus(kept, step, device)
+    return SelectionRecord(
+        step, offsets, ids, kept, n, result, policy, seed, num_concepts, meta, moved, moved_bytes
+    )
+
+
+# ------------------------------------------------------------------ moving kept samples
+
+
+def _token_bytes(batch: Mapping[str, Any]) -> int:
+    """Bytes of one sample's caption tokens when the loader tokenized (0 otherwise)."""
+    text = batch.get("text")
+    return 0 if text is None else int(text.shape[1]) * text.element_size()
+
+
+def _payload_sizes(meta: np.ndarray, token_bytes: int) -> np.ndarray:
+    """Bytes :func:`exchange_kept` sends for each gathered sample: key, caption, image, tokens."""
+    return meta[:, META_KEY] + meta[:, META_CAPTION] + meta[:, META_IMAGE] + token_bytes
+
+
+class JoinedImages:
+    """A rank's :class:`~cabs_streaming.dataset.EncodedImages` followed by received images.
+
+    Indexable like the superbatch's ``image_bytes`` (``images[i]`` is a ``memoryview``), without
+    copying the superbatch's buffer.
+    """
+
+    def __init__(self, own: Any, received: Sequence[memoryview]) -> None:
+        self.own = own
+        self.received = list(received)
+
+    def __len__(self) -> int:
+        return len(self.own) + len(self.received)
+
+    def __getitem__(self, index: int) -> memoryview:
+        if index < len(self.own):
+            return self.own[index]
+        return self.received[index - len(self.own)]
+
+
+def _pack(batch: Mapping[str, Any], local: Sequence[int]) -> torch.Tensor:
+    """The payloads of this rank's samples ``local``, back to back: key, caption, image, tokens."""
+    chunks: list[bytes] = []
+    for i in local:
+        chunks.append(batch["keys"][i].encode("utf-8"))
+        chunks.append(batch["captions"][i].encode("utf-8"))
+        chunks.append(bytes(batch["image_bytes"][i]))
+        if "text" in batch:
+            chunks.append(batch["text"][i].cpu().numpy().tobytes())
+    return torch.frombuffer(bytearray(b"".join(chunks)) or bytearray(1), dtype=torch.uint8)
+
+
+def _unpack(
+    raw: memoryview, meta: np.ndarray, text: torch.Tensor | None
+) -> tuple[list[str], list[str], list[memoryview], list[torch.Tensor]]:
+    """Split received payloads (sizes from the senders' ``meta`` rows) as :func:`_pack` built them.
+
+    ``text`` is this rank's token tensor when the loader tokenized (its row shape and dtype are
+    every rank's), else None.
+    """
+    keys, captions, images, tokens = [], [], [], []
+    token_bytes = 0 if text is None else int(text.shape[1]) * text.element_size()
+    cursor = 0
+    for lengths in meta:
+        parts = []
+        for length in (lengths[META_KEY], lengths[META_CAPTION], lengths[META_IMAGE], token_bytes):
+            parts.append(raw[cursor : cursor + int(length)])
+            cursor += int(length)
+        keys.append(bytes(parts[0]).decode("utf-8"))
+        captions.append(bytes(parts[1]).decode("utf-8"))
+        images.append(parts[2])
+        if text is not None:
+            row = np.frombuffer(parts[3], dtype=text.cpu().numpy().dtype)
+            tokens.append(torch.from_numpy(row.copy()))
+    return keys, captions, images, tokens
+
+
+def exchange_kept(
+    batch: Mapping[str, Any], record: SelectionRecord, device: torch.device | str = "cpu"
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Move the kept samples that change rank; returns this rank's batch and kept indices.
+
+    After a world-invariant selection every rank knows the whole assignment (``record.kept``
+    holds gathered positions) and every sample's byte sizes (``record.meta``), so one
+    ``all_to_all_single`` of ``uint8`` tensors (gloo and NCCL; on NCCL via ``device``) sends
+    each moved sample's key, caption, encoded image and, when the loader tokenized, tokens
+    straight to its new rank; nobody receives what it does not train on. Concept ids are not
+    sent: every rank has all of them from :func:`gather_concepts`. When no sample moves, or
+    with one process, nothing is sent (every rank sees that alike).
+
+    The returned batch is this rank's superbatch with the received samples appended (images
+    as :class:`JoinedImages`), and the indices are this rank's kept samples in it, in the
+    order of ``record.kept[rank]``, ready for :func:`decode_kept`. Stand-ins stay this rank's
+    own unkept samples (indices below the superbatch size).
+    """
+    if not record.world_invariant:
+        raise ValueError("exchange_kept needs a world-invariant SelectionRecord")
+    assert record.meta is not None
+    world, rank, n = record.kept.shape[0], dist.get_global_rank(), record.per_rank
+    token_bytes = _token_bytes(batch)
+    sizes = _payload_sizes(record.meta, token_bytes)
+    owner = record.kept // n
+    mine = record.kept[rank]
+    local = np.where(owner[rank] == rank, mine - rank * n, -1)
+    if record.moved == 0:
+        return dict(batch), local
+    sends = [
+        [] if dest == rank else record.kept[dest][owner[dest] == rank].tolist()
+        for dest in range(world)
+    ]
+    send = _pack(batch, [p - rank * n for positions in sends for p in positions])
+    send_sizes = [int(sizes[positions].sum()) for positions in sends]
+    receives = [
+        [] if source == rank else mine[owner[rank] == source].tolist() for source in range(world)
+    ]
+    receive_sizes = [int(sizes[positions].sum()) for positions in receives]
+    received = torch.empty(max(sum(receive_sizes), 1), dtype=torch.uint8, device=device)
+    torch.distributed.all_to_all_single(
+        received[: sum(receive_sizes)],
+        send[: sum(send_sizes)].to(device),
+        output_split_sizes=receive_sizes,
+        input_split_sizes=send_sizes,
+    )
+    order = [p for positions in receives for p in positions]
+    keys, captions, images, tokens = _unpack(
+        memoryview(received.cpu().numpy()), record.meta[order], batch.get("text")
+    )
+    where = {position: n + i for i, position in enumerate(order)}
+    joined = dict(batch)
+    joined["keys"] = list(batch["keys"]) + keys
+    joined["captions"] = list(batch["captions"]) + captions
+    joined["image_bytes"] = JoinedImages(batch["image_bytes"], images)
+    own_indices = torch.as_tensor(batch["sample_indices"])
+    joined["sample_indices"] = torch.cat(
+        [own_indices.cpu(), torch.from_numpy(record.meta[order, META_INDEX].copy())]
+    )
+    if tokens:
+        joined["text"] = torch.cat([batch["text"].cpu(), torch.stack(tokens)])
+    local = np.array(
+        [i if i >= 0 else where[int(p)] for i, p in zip(local.tolist(), mine, strict=True)],
+        dtype=np.int64,
+    )
+    return joined, local
 
 
 # ---------------------------------------------------------------------------- the kept batch
@@ -255,6 +483,8 @@ class KeptBatch:
     batch: dict[str, Any]
     decoded: list[Any]
     replacements: list[Replacement] = field(default_factory=list)
+    indices: list[int] | None = None
+    """The trained samples' global indices, when the superbatch carries ``sample_indices``."""
 
 
 def decode_kept(
@@ -267,11 +497,15 @@ def decode_kept(
     tokenizer: CaptionTokenizer | None = None,
     stand_ins: Callable[[], np.ndarray] | None = None,
     on_decode_error: str = "raise",
+    crop_keys: Sequence[int] | None = None,
 ) -> KeptBatch:
     """Decode, augment and tokenize this rank's kept samples ``kept`` (local indices).
 
     Thread-safe: it touches no shared state, so it may run on a background thread while the
-    model trains. The train crop of slot ``i`` is seeded by ``(decoder.seed, step, rank, i)``.
+    model trains. The train crop of slot ``i`` is seeded by ``(decoder.seed, step, rank, i)``,
+    or, with ``crop_keys`` (world-invariant selection passes the global sample indices), by
+    ``(decoder.seed, step, crop_keys[i], 0)``: then a sample's crop does not depend on which
+    rank or slot it lands in, and neither does the global batch the model sees.
     A kept image that does not decode raises an ``ImageDecodeError`` naming the sample
     (``on_decode_error="raise"``) or is replaced by the first decodable of ``stand_ins()``
     (``"replace"``; see :func:`replace_undecodable`). Captions are tokenized only for the kept
@@ -279,10 +513,14 @@ def decode_kept(
     """
     index = kept.tolist()
     out = decoder.output_buffer(len(index))
-    decoded = decoder.decode_pixels(
-        [batch["image_bytes"][i] for i in index], [batch["keys"][i] for i in index],
-        step=step, rank=rank, errors="return", out=out,
-    )
+    images = [batch["image_bytes"][i] for i in index]
+    names = [batch["keys"][i] for i in index]
+    if crop_keys is None:
+        decoded = decoder.decode_pixels(
+            images, names, step=step, rank=rank, errors="return", out=out,
+        )  # fmt: skip
+    else:
+        decoded = _decode_keyed(decoder, images, names, step, [int(c) for c in crop_keys], out)
     failed = [slot for slot, d in enumerate(decoded) if isinstance(d, ImageDecodeError)]
     replaced: list[Replacement] = []
     if failed:
@@ -299,7 +537,44 @@ def decode_kept(
         )
     text = _kept_tokens(batch, index, tokenizer)
     keys = [batch["keys"][i] for i in index]
-    return KeptBatch({"images": out, "text": text, "keys": keys}, decoded, replaced)
+    indices = None
+    if "sample_indices" in batch:
+        indices = torch.as_tensor(batch["sample_indices"])[index].tolist()
+    return KeptBatch({"images": out, "text": text, "keys": keys}, decoded, replaced, indices)
+
+
+#: Thread pools of :func:`_decode_keyed`, by size (one per decoder thread count in use).
+_KEYED_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _decode_keyed(
+    decoder: ImageDecoder,
+    images: Sequence[Any],
+    keys: Sequence[str],
+    step: int,
+    crop_keys: Sequence[int],
+    out: torch.Tensor | None,
+) -> list[Any]:
+    """``decode_pixels`` with image ``i``'s crop seeded by ``(seed, step, crop_keys[i], 0)``.
+
+    ``ImageDecoder`` seeds a crop by the call's ``rank`` and the image's position in the call,
+    so each image is its own call (with ``rank=crop_keys[i]``), run on ``decoder.num_threads``
+    threads as ``decode_pixels`` would run them.
+    """
+
+    def one(slot: int) -> Any:
+        row = None if out is None else out[slot : slot + 1]
+        return decoder.decode_pixels(
+            [images[slot]], [keys[slot]], step=step, rank=crop_keys[slot], errors="return",
+            out=row,
+        )[0]  # fmt: skip
+
+    threads = decoder.num_threads
+    if threads <= 1 or len(images) <= 1:
+        return [one(slot) for slot in range(len(images))]
+    if threads not in _KEYED_POOLS:
+        _KEYED_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="cabs-keyed")
+    return list(_KEYED_POOLS[threads].map(one, range(len(images))))
 
 
 def replace_undecodable(
@@ -489,6 +764,8 @@ class CabsStep:
     replacements: list[Replacement]
     looked_ahead: bool
     """Whether the kept batch was built in the background during the step before."""
+    indices: list[int] | None = None
+    """The global sample indices of ``batch["keys"]``, when the loader carries them."""
 
 
 def cabs_step(
@@ -506,6 +783,7 @@ def cabs_step(
     device: torch.device | str = "cpu",
     lookahead: Lookahead | None = None,
     peek: Callable[[], Any] | None = None,
+    world_invariant: bool = False,
 ) -> CabsStep:
     """One CABS step on this rank's superbatch ``batch``: select, then decode only the kept.
 
@@ -514,6 +792,8 @@ def cabs_step(
     prepared during the step before, and ``peek()`` (the loader's next batch, e.g.
     ``LookaheadDataLoader.peek``) is prepared as step ``step + 1``: selected now, decoded on the
     lookahead's thread. Every rank must call it with the same arguments but its own batch.
+    ``world_invariant`` keeps the same global set on any number of ranks and moves the samples
+    that change rank before decoding (:func:`select_superbatch`, :func:`exchange_kept`).
     """
     batch = require_superbatch(batch)
     rank = dist.get_global_rank()
@@ -522,12 +802,22 @@ def cabs_step(
         record = select_superbatch(
             superbatch, at, policy=policy, filter_ratio=filter_ratio, seed=seed,
             num_concepts=num_concepts, verify=verify, device=device,
+            world_invariant=world_invariant,
         )
+        if record.world_invariant:
+            mine, kept = exchange_kept(superbatch, record, device)  # a collective: on this thread
+        else:
+            mine, kept = superbatch, record.kept[rank]
+
+        crop_keys = None
+        if record.world_invariant:  # crops follow the sample, not its rank and slot
+            crop_keys = torch.as_tensor(mine["sample_indices"])[kept].tolist()
 
         def work() -> KeptBatch:
             return decode_kept(
-                superbatch, record.kept[rank], at, rank, decoder=decoder, tokenizer=tokenizer,
+                mine, kept, at, rank, decoder=decoder, tokenizer=tokenizer,
                 stand_ins=lambda: record.stand_ins(rank), on_decode_error=on_decode_error,
+                crop_keys=crop_keys,
             )
 
         return record, work
@@ -542,25 +832,38 @@ def cabs_step(
         upcoming = _upcoming_superbatch(peek, device)
         if upcoming is not None:
             lookahead.start(step + 1, upcoming["keys"], *prepare(upcoming, step + 1))
-    return CabsStep(out, prepared.record, built.replacements, prepared.future is not None)
+    return CabsStep(
+        out, prepared.record, built.replacements, prepared.future is not None, built.indices
+    )
 
 
 def append_selection_log(
-    path: str, step: int, kept_keys: Sequence[str], replaced: Sequence[tuple[str, str]]
+    path: str,
+    step: int,
+    kept_keys: Sequence[str],
+    replaced: Sequence[tuple[str, str]],
+    indices: Sequence[int] | None = None,
 ) -> None:
-    """Rank 0 appends ``{"step", "keys": [[rank 0's kept keys], ...], "replaced"?}`` to ``path``.
+    """Rank 0 appends ``{"step", "keys": [[rank 0's kept keys], ...], "indices"?, "replaced"?}``.
 
-    A collective: every rank calls it with its own kept keys and ``(failed, stand-in)`` pairs.
+    A collective: every rank calls it with its own kept keys, their global sample ``indices``
+    (when the loader carries them; logged as ``"indices"``, one list per rank like ``"keys"``)
+    and ``(failed, stand-in)`` pairs.
     """
-    every_rank = dist.all_gather_object((list(kept_keys), [list(r) for r in replaced]))
+    pairs = [list(r) for r in replaced]
+    every_rank = dist.all_gather_object(
+        (list(kept_keys), pairs, None if indices is None else list(indices))
+    )
     if dist.get_global_rank() != 0:
         return
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    record: dict[str, Any] = {"step": step, "keys": [keys for keys, _ in every_rank]}
-    if any(pairs for _, pairs in every_rank):
-        record["replaced"] = [pairs for _, pairs in every_rank]
+    record: dict[str, Any] = {"step": step, "keys": [keys for keys, _, _ in every_rank]}
+    if all(index is not None for _, _, index in every_rank):
+        record["indices"] = [[int(i) for i in index] for _, _, index in every_rank]
+    if any(pairs for _, pairs, _ in every_rank):
+        record["replaced"] = [pairs for _, pairs, _ in every_rank]
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -611,6 +914,12 @@ class ConceptAwareBatchSampling(Algorithm):
             The batches are identical with and without it; it costs one superbatch of encoded
             bytes and one kept batch of memory. With other loaders it has no effect.
         log_prefix: prefix of the logged statistics.
+        world_invariant: select the global batch as a function of the global superbatch's
+            samples only (one quota ``world * k`` over the superbatch in global sample index
+            order), then give every rank ``k`` of them, moving the fewest samples between ranks
+            (their bytes go by one ``all_to_all``; ``cabs/moved_samples`` and
+            ``cabs/moved_bytes`` are logged). The same kept sets on any number of ranks, so a
+            run can resume on another world size (docs/selection.md#world-invariant-selection).
 
     Example::
 
@@ -638,6 +947,7 @@ class ConceptAwareBatchSampling(Algorithm):
         on_decode_error: str = "raise",
         lookahead: bool = True,
         log_prefix: str = "cabs/",
+        world_invariant: bool = False,
     ) -> None:
         filter_ratio = check_filter_ratio(filter_ratio)
         if on_decode_error not in DECODE_ERROR_MODES:
@@ -660,6 +970,7 @@ class ConceptAwareBatchSampling(Algorithm):
         self.on_decode_error = on_decode_error
         self.lookahead = lookahead
         self.log_prefix = log_prefix
+        self.world_invariant = bool(world_invariant)
         self._ahead = Lookahead()
         #: Steps whose kept batch was built in the background during the step before.
         self.looked_ahead = 0
@@ -671,7 +982,8 @@ class ConceptAwareBatchSampling(Algorithm):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(policy={self.policy.config()!r}, "
-            f"filter_ratio={self.filter_ratio}, seed={self.seed})"
+            f"filter_ratio={self.filter_ratio}, seed={self.seed}, "
+            f"world_invariant={self.world_invariant})"
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -680,17 +992,33 @@ class ConceptAwareBatchSampling(Algorithm):
             "policy": self.policy.config(),
             "filter_ratio": self.filter_ratio,
             "seed": self.seed,
+            "world_invariant": self.world_invariant,
+            "world_size": dist.get_world_size(),
             "repr": repr(self),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore (selection is a pure function); warn if the config changed."""
+        """Nothing to restore (selection is a pure function); warn if the config changed.
+
+        Resuming on another number of ranks keeps the uninterrupted run's kept sets only in
+        world-invariant mode; a rank-local run is warned that its batches will differ.
+        """
         saved = {k: state.get(k) for k in ("policy", "filter_ratio", "seed")}
+        saved["world_invariant"] = bool(state.get("world_invariant", False))
         current = {k: v for k, v in self.state_dict().items() if k in saved}
         if saved != current:
             warnings.warn(
                 f"resuming with a different CABS configuration: the checkpoint used {saved}, "
                 f"this run uses {current}; batches from here on follow the new configuration",
+                stacklevel=2,
+            )
+        world, before = dist.get_world_size(), state.get("world_size")
+        if before is not None and before != world and not self.world_invariant:
+            warnings.warn(
+                f"resuming a checkpoint of {before} rank(s) on {world}: rank-local selection "
+                "keeps different samples from here on than the original run would have; set "
+                "selection.world_invariant=true (from the start of a run) to keep the same "
+                "global batches on any number of ranks",
                 stacklevel=2,
             )
 
@@ -715,6 +1043,7 @@ class ConceptAwareBatchSampling(Algorithm):
             verify=self.verify_consensus, device=collective_device(state),
             lookahead=self._ahead if self.lookahead else None,
             peek=loader.peek if isinstance(loader, LookaheadDataLoader) else None,
+            world_invariant=self.world_invariant,
         )
         state.batch = done.batch
         self.last = done.record
@@ -722,7 +1051,12 @@ class ConceptAwareBatchSampling(Algorithm):
         self.replacements += done.replacements
         metrics = done.record.result.stats.as_dict(self.log_prefix)
         metrics[f"{self.log_prefix}decode_replaced"] = float(len(done.replacements))
+        if done.record.world_invariant:
+            metrics[f"{self.log_prefix}moved_samples"] = float(done.record.moved)
+            metrics[f"{self.log_prefix}moved_bytes"] = float(done.record.moved_bytes)
         logger.log_metrics(metrics)
         if self.selection_log:
             replaced = [(r.failed, r.stand_in) for r in done.replacements]
-            append_selection_log(self.selection_log, step, done.batch["keys"], replaced)
+            append_selection_log(
+                self.selection_log, step, done.batch["keys"], replaced, done.indices
+            )

@@ -123,6 +123,11 @@ class SelectionConfig:
     that have it and is ignored, with a warning, by the others, so ``selection.policy=iid`` works
     on a recipe written for ``diversity``; an option no policy has is an error."""
     verify_consensus: bool = True
+    world_invariant: bool = False
+    """Select each global batch from the global superbatch in sample-index order with one quota
+    (``world * k``), then give each rank ``k`` of it, moving the fewest samples: the same kept
+    batches on any number of ranks, so a run can resume on another world size (README: resume
+    on another number of GPUs). Off by default: it moves encoded bytes between ranks."""
     selection_log: str | None = None
     """Rank 0 appends one JSON line per step with every rank's kept keys (``{run_name}`` and
     ``{run_folder}`` are replaced)."""

@@ -128,6 +128,8 @@ class ConceptStreamingDataset(StreamingDataset):
     Each sample is a dict:
 
     - ``key`` (str): the unique sample id.
+    - ``index`` (int): the sample's global index in the dataset (what ``__getitem__`` got): the
+      canonical order of world-invariant selection (docs/selection.md#world-invariant-selection).
     - ``image`` (bytes): the encoded image file exactly as stored; decode only what you keep
       (``cabs_streaming.decode.ImageDecoder``).
     - ``caption`` (str): the chosen caption (see ``caption`` below), always present so that
@@ -415,6 +417,7 @@ class ConceptStreamingDataset(StreamingDataset):
         caption = self.choose_caption(idx, raw["caption"], raw.get("recaption") or "")
         sample: dict[str, Any] = {
             "key": key,
+            "index": int(idx),
             "image": raw["image"],
             "caption": caption,
             "concepts": concepts,
@@ -484,6 +487,9 @@ class ConceptCollator:
     The batch is a dict:
 
     - ``keys`` (list[str]), ``captions`` (list[str]);
+    - ``sample_indices`` (``torch.int64 [n]``): every sample's global index in the dataset, when
+      the samples carry an ``index`` (``ConceptStreamingDataset``'s do); world-invariant
+      selection orders the global superbatch by it and the selection log records it;
     - ``image_bytes`` (:class:`EncodedImages`: ``image_bytes[i]`` is image ``i``'s encoded file
       as a ``memoryview``, all in one shared-memory buffer);
     - ``text`` (``LongTensor [n, context_length]``) when samples carry tokens, or when this
@@ -517,6 +523,8 @@ class ConceptCollator:
             "concept_offsets": torch.from_numpy(offsets),
             "concept_ids": torch.from_numpy(ids),
         }
+        if samples and "index" in samples[0]:
+            batch["sample_indices"] = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
         if samples and "text" in samples[0]:
             batch["text"] = torch.stack([s["text"] for s in samples])
         elif self.tokenizer is not None:

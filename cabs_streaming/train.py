@@ -424,6 +424,7 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
         num_concepts=len(dataset.vocabulary),
         on_decode_error=cfg.decode.on_error,
         lookahead=cfg.decode.lookahead,
+        world_invariant=cfg.selection.world_invariant,
     )
 
     try:

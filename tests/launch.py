@@ -42,6 +42,8 @@ def train(
     env: Mapping[str, str] | None = None,
     timeout: float = 600,
     entry_point: bool = False,
+    ranks: int = 2,
+    script: Path = RUN,
 ) -> tuple[int, str]:
     """Run the launcher in a session of its own; returns (exit status, the output's tail).
 
@@ -50,7 +52,9 @@ def train(
     (``folder`` by default); ``env`` is added to this process's environment. The session makes
     a kill reach every process of the run, and lets us sweep up whatever a killed or failed run
     leaves behind, so that nothing outlives it. ``entry_point`` runs the users' ``train.py``
-    instead of ``resume_run.py`` (then ``kill_at`` must be None and no weights are written).
+    instead of ``resume_run.py`` (then ``kill_at`` must be None and no weights are written);
+    ``script`` runs another script with ``resume_run.py``'s arguments; ``ranks`` is the number
+    of gloo ranks.
     """
     folder.mkdir(parents=True, exist_ok=True)
     cwd = cwd or folder
@@ -73,13 +77,13 @@ def train(
     ]
     if entry_point:
         assert kill_at is None, "train.py cannot be killed on cue"
-        command = [str(COMPOSER), "-n", "2", str(ROOT / "train.py"), str(QUICKSTART)]
+        command = [str(COMPOSER), "-n", str(ranks), str(ROOT / "train.py"), str(QUICKSTART)]
     else:
         command = [
             str(COMPOSER),
             "-n",
-            "2",
-            str(RUN),
+            str(ranks),
+            str(script),
             str(QUICKSTART),
             str(kill_at or "none"),
             str(folder / "weights.pt"),

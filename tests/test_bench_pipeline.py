@@ -28,7 +28,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
     result = subprocess.run(
         [
             sys.executable, str(BENCH), "--smoke", "--data", str(data),
-            "--configs", "iid,deferred,eager,lookahead", "--model-step-ms", "5",
+            "--configs", "iid,deferred,eager,lookahead,invariant", "--model-step-ms", "5",
         ],
         capture_output=True, text=True, timeout=180, cwd=ROOT, check=False,
     )
@@ -64,6 +64,11 @@ def test_decode_and_tokenize_counts(smoke: dict) -> None:
     # The background decoding of the step after the timed window may land in the counts.
     assert 1.0 <= configs["lookahead"]["decoded_per_trained"] <= 1.5
     assert 1.0 <= configs["lookahead"]["tokenized_per_trained"] <= 1.5
+    # World-invariant selection on one process: the same work, nothing to move.
+    assert configs["invariant"]["decoded_per_trained"] == 1.0
+    assert configs["invariant"]["tokenized_per_trained"] == 1.0
+    assert configs["invariant"]["moved_per_step"] == {"samples": 0.0, "bytes": 0.0}
+    assert smoke["invariant_vs_deferred"] > 0 and smoke["settings"]["world"] == 1
 
 
 def test_settings_describe_the_run(smoke: dict) -> None:

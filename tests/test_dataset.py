@@ -123,7 +123,8 @@ def test_sample_keeps_the_encoded_image_and_a_writable_int32_copy_of_concepts(
     dataset = ConceptStreamingDataset(local=mds_dir)
     sample = dataset[5]
     rec = records[sample["key"]]
-    assert set(sample) == {"key", "image", "caption", "concepts"}
+    assert set(sample) == {"key", "index", "image", "caption", "concepts"}
+    assert sample["index"] == 5
     assert isinstance(sample["key"], str)
     assert isinstance(sample["image"], bytes) and sample["image"] == rec.image
     assert sample["caption"] == rec.caption

@@ -569,6 +569,7 @@ class Bench:
         self.ahead = Lookahead()
         self.current_loader: DataLoader | None = None
         self.select_seconds = 0.0
+        self.moved = [0, 0]  # samples and bytes moved between ranks (``invariant``)
         self.image_size = self.main_decoder.output_size
         self.context_length = self.main_tokenizer.context_length
         self._warm_kernels()
@@ -644,7 +645,12 @@ class Bench:
     def _lookahead(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
         return self._cabs_step(batch, step, self.ahead)
 
-    def _cabs_step(self, batch: dict[str, Any], step: int, ahead: Any) -> dict[str, Any]:
+    def _invariant(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        return self._cabs_step(batch, step, None, world_invariant=True)
+
+    def _cabs_step(
+        self, batch: dict[str, Any], step: int, ahead: Any, world_invariant: bool = False
+    ) -> dict[str, Any]:
         """What ``ConceptAwareBatchSampling.apply`` runs in training (``cabs_step``)."""
         from cabs_streaming.algorithm import cabs_step
 
@@ -661,8 +667,11 @@ class Bench:
             verify=True,  # as training; a no-op on one process
             lookahead=ahead,
             peek=loader.peek if loader is not None else None,
+            world_invariant=world_invariant,
         )
         self.select_seconds += done.record.result.stats.wall_ms / 1e3  # the selection's own
+        self.moved[0] += done.record.moved
+        self.moved[1] += done.record.moved_bytes
         return done.batch
 
     def setup(self, config: str) -> tuple[int, Callable, Callable[[dict, int], dict]]:
@@ -680,6 +689,8 @@ class Bench:
             return self.n, ConceptCollator(), self._deferred
         if config == "lookahead":
             return self.n, ConceptCollator(), self._lookahead
+        if config == "invariant":
+            return self.n, ConceptCollator(), self._invariant
         raise ValueError(config)
 
     def run(self, config: str, round_index: int) -> dict[str, Any]:
@@ -687,7 +698,7 @@ class Bench:
         args = self.args
         batch_size, collate, process = self.setup(config)
         dataset = self.dataset(batch_size, round_index)
-        epoch_batches = dataset.size // batch_size
+        epoch_batches = dataset.size // (batch_size * _world())
         if args.warmup + args.steps > epoch_batches:
             raise SystemExit(
                 f"{config}: {args.warmup + args.steps} batches of {batch_size} needed but the "
@@ -705,6 +716,7 @@ class Bench:
         self.main_decoder.reset()
         self.main_tokenizer.reset()
         self.select_seconds = 0.0
+        self.moved = [0, 0]
         wait = work = 0.0
         delivered = decoded = tokenized = 0
         worker = dict.fromkeys(
@@ -751,13 +763,20 @@ class Bench:
             "cpu_busy_share": (cpu_main + cpu_workers) / (elapsed * CPUS),
             "cpu_ms_per_step": {"main": cpu_main * per_step, "workers": cpu_workers * per_step},
         }
-        if config in ("deferred", "lookahead"):
+        if config == "invariant":
+            result["moved_per_step"] = {
+                "samples": self.moved[0] / args.steps,
+                "bytes": self.moved[1] / args.steps,
+            }
+        if config in ("deferred", "lookahead", "invariant"):
             parts = {
                 "select": self.select_seconds,
                 "decode_pixels": self.main_decoder.seconds["decode_pixels"],
                 "normalize": self.main_decoder.seconds["normalize"],
                 "tokenize": self.main_tokenizer.seconds,
             }
+            if config == "invariant":  # one decode_pixels call per image, on several threads:
+                result["decode_thread_ms_per_step"] = parts.pop("decode_pixels") * per_step
             parts["rest"] = work - sum(parts.values())  # stack, index lists, apply's own work
             result["main_ms_per_step"]["work_breakdown"] = {
                 key: value * per_step for key, value in parts.items()
@@ -773,12 +792,32 @@ class Bench:
         return result
 
 
+def _world() -> int:
+    """Ranks of this benchmark: more than 1 only under a launcher (to measure ``invariant``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _prepare_on_every_rank(args: argparse.Namespace) -> tuple[Path, dict[str, Any], Path | None]:
+    """``prepare_data``; under a launcher rank 0 generates ``--data`` before the others read it."""
+    if _world() == 1:
+        return prepare_data(args)
+    from composer.utils import dist
+
+    if args.data is None:
+        raise SystemExit("on several ranks give --data DIR: every rank must read the same data")
+    dist.initialize_dist("cpu")
+    if dist.get_global_rank() == 0:
+        prepare_data(args)
+    dist.barrier()
+    return prepare_data(args)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Generate or reuse the data, run the interleaved rounds and print the JSON line."""
     load_at_start = os.getloadavg()[0]
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    data, data_stats, tmp = prepare_data(args)
+    data, data_stats, tmp = _prepare_on_every_rank(args)
     memory = MemorySampler(args.memory_interval, args.pss_interval)
     try:
         bench = Bench(args, data, args.vocabulary)
@@ -842,6 +881,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 key: median_of(["worker_ms_per_step", key])
                 for key in results[0]["worker_ms_per_step"]
             }
+        if "decode_thread_ms_per_step" in results[0]:
+            entry["decode_thread_ms_per_step"] = median_of(["decode_thread_ms_per_step"])
+        if "moved_per_step" in results[0]:
+            entry["moved_per_step"] = {
+                key: median_of(["moved_per_step", key]) for key in ("samples", "bytes")
+            }
         entry["peak_rss_mb"] = round(memory.peak_rss.get(config, 0) / 2**20, 1)
         if memory.peak_pss:
             entry["peak_pss_mb"] = round(memory.peak_pss.get(config, 0) / 2**20, 1)
@@ -883,6 +928,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "deferred_ratio_paired_median": paired_median("deferred"),
         "eager_ratio_paired_median": paired_median("eager"),
         "lookahead_ratio_paired_median": paired_median("lookahead"),
+        "invariant_samples_per_s": (
+            round(medians["invariant"], 1) if "invariant" in medians else None
+        ),
+        "invariant_vs_deferred": _paired_ratio(rounds, "invariant", "deferred"),
         "configs": per_config,
         "memory": {
             "peak_rss_mb": "max over samples of the summed RSS of main + DataLoader workers "
@@ -908,7 +957,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "deferred": "diversity",
                 "eager": "diversity",
                 "lookahead": "diversity",
+                "invariant": "diversity",
             },
+            "world": _world(),
             "model_step_ms": args.model_step_ms,
             "workers": args.workers,
             "prefetch_factor": args.prefetch,
@@ -934,5 +985,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "smoke": args.smoke,
         },
     }
-    print(json.dumps(line), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(line), flush=True)
     return line
+
+
+def _paired_ratio(rounds: dict[str, list[dict[str, Any]]], config: str, base: str) -> float | None:
+    """Median over rounds of ``config``'s samples/s over ``base``'s in the same round."""
+    if config not in rounds or base not in rounds:
+        return None
+    ratios = [
+        x["samples_per_s"] / b["samples_per_s"]
+        for x, b in zip(rounds[config], rounds[base], strict=True)
+    ]
+    return round(statistics.median(ratios), 3)

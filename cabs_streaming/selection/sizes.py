@@ -72,7 +72,9 @@ def superbatch_per_rank(global_batch: int, world: int, filter_ratio: float) -> i
     """
     if global_batch < 1 or global_batch % world:
         raise ValueError(
-            f"global_train_batch_size={global_batch} does not divide over {world} ranks"
+            f"global_train_batch_size={global_batch} does not divide over {world} ranks; to "
+            "resume a run on another number of ranks, keep global_train_batch_size and choose "
+            "a number of ranks that divides it"
         )
     kept = global_batch // world
     try:
