@@ -73,6 +73,7 @@ import torchvision.transforms.functional as F
 import torchvision.transforms.v2.functional as F2
 from open_clip.transform import CenterCropOrPad, MaybeConvertMode, MaybeToTensor, ResizeKeepRatio
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 __all__ = [
     "DecodedImage",
@@ -184,11 +185,10 @@ def normalization_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarr
 def _normalize_lut(pixels: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
     """``out[c, y, x] = table[c, pixels[y, x, c]]``: normalise and transpose in one pass."""
     height, width, _ = pixels.shape
-    for y in range(height):
-        for x in range(width):
-            out[0, y, x] = table[0, pixels[y, x, 0]]
-            out[1, y, x] = table[1, pixels[y, x, 1]]
-            out[2, y, x] = table[2, pixels[y, x, 2]]
+    for c in range(3):  # plane by plane: as fast on HWC input, and planar views read in order
+        for y in range(height):
+            for x in range(width):
+                out[c, y, x] = table[c, pixels[y, x, c]]
 
 
 def _largest_draft(limit: float) -> int:
@@ -404,12 +404,28 @@ class ImageDecoder:
                     drafted = img.draft("RGB", (width // r, height // r))
                     if drafted is not None:
                         scale = round(width / drafted[1][2])
+            if self.resampler == "torch" and scale == 1 and self._torch_geometry_ok:
+                if img.format == "JPEG" and img.mode == "RGB":
+                    # libjpeg-turbo straight into a [3, H, W] tensor: the same pixels as PIL's
+                    # decode (asserted in the tests) without PIL's copy into numpy.
+                    chw = decode_jpeg(
+                        torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                        mode=ImageReadMode.RGB,
+                    )
+                else:
+                    img.load()
+                    rgb = img if img.mode == "RGB" else img.convert("RGB")
+                    chw = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+                pixels = self._torch_geometry(chw, crop)
+                if chw.shape[1:] != (height, width):
+                    raise ImageDecodeError(
+                        key, f"decoded {tuple(chw.shape[1:])} pixels, header says {height, width}"
+                    )
+                return DecodedImage(pixels, (width, height), scale, crop)
             img.load()
             if img.mode != "RGB":
                 img = img.convert("RGB")
-            if self.resampler == "torch" and scale == 1 and self._torch_geometry_ok:
-                pixels = self._torch_geometry(img, crop)
-            elif crop is not None:
+            if crop is not None:
                 pixels = np.asarray(self._apply_crop(img, crop, scale), dtype=np.uint8)
             else:
                 for geometry_step in self._geometry:
@@ -425,18 +441,16 @@ class ImageDecoder:
         return DecodedImage(pixels, (width, height), scale, crop)
 
     def _torch_geometry(
-        self, img: Image.Image, crop: tuple[int, int, int, int] | None
+        self, x: torch.Tensor, crop: tuple[int, int, int, int] | None
     ) -> np.ndarray:
-        """Crop and resize with torchvision's native ``uint8`` antialiased kernels.
+        """Crop and resize ``uint8 [3, H, W]`` with torchvision's native ``uint8`` kernels.
 
-        The decoded image is viewed as ``[3, H, W]`` with channels-last strides (no copy); the
-        crop is a view of it, and ``torchvision.transforms.v2.functional.resize`` resamples
+        The crop is a view, and ``torchvision.transforms.v2.functional.resize`` resamples
         ``uint8`` directly (no float round trip), about 4-5x less CPU than PIL's resize on the
-        benchmark's images. It releases the GIL, so the decode threads scale like PIL's.
+        benchmark's images; it releases the GIL, so the decode threads scale like PIL's. The
+        result is returned as an ``[H, W, 3]`` view of the planar output (no copy):
+        :meth:`normalize_into` reads it plane by plane.
         """
-        # np.array: a writable copy (PIL's array interface is read-only bytes, which torch
-        # warns about); it costs as much as np.asarray's copy.
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
         if crop is not None:
             assert self._crop is not None
             top, left, h, w = crop
@@ -458,7 +472,7 @@ class ImageDecoder:
                     )
                 else:  # CenterCrop, CenterCropOrPad: slicing and padding, exact on tensors
                     x = step(x)
-        return np.ascontiguousarray(x.permute(1, 2, 0).numpy())
+        return x.permute(1, 2, 0).numpy()
 
     def _apply_crop(
         self, img: Image.Image, crop: tuple[int, int, int, int], scale: int

@@ -230,9 +230,19 @@ def test_random_resized_crop_params_respect_scale_ratio_and_bounds() -> None:
         assert math.log(3 / 4) - 0.05 <= math.log(w / h) <= math.log(4 / 3) + 0.05
 
 
-def test_undecodable_bytes_raise_an_error_naming_the_key(photo: bytes) -> None:
-    decoder = ImageDecoder(64, is_train=False)
-    for bad in (b"not an image at all", photo[: len(photo) // 3], b""):
+@pytest.mark.parametrize(
+    "decoder",
+    [
+        ImageDecoder(64, is_train=False),  # drafted JPEG: PIL
+        ImageDecoder(224, is_train=False, draft=False),  # full JPEG: torchvision decode_jpeg
+        ImageDecoder(224, is_train=True, draft=False, resampler="pil"),
+    ],
+    ids=["draft", "torch", "pil"],
+)
+def test_undecodable_bytes_raise_an_error_naming_the_key(
+    photo: bytes, decoder: ImageDecoder
+) -> None:
+    for bad in (b"not an image at all", photo[: len(photo) // 3], photo[:-10], b""):
         with pytest.raises(ImageDecodeError, match="sample-bad") as info:
             decoder([photo, bad], ["sample-ok", "sample-bad"])
         assert isinstance(info.value, ValueError)
