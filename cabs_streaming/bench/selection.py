@@ -193,8 +193,9 @@ def sweep(
 def plot_sweep(points: list[dict], path: Path) -> None:
     """Write the sweep's figure to ``path``.
 
-    Left: selection CPU time against superbatch size (median over world sizes, band min..max)
-    with a line of slope 1 ("linear growth"); right: the all-gather bytes a rank receives.
+    Left: selection CPU time against superbatch size for 4 ranks (solid) and the largest world
+    (dashed), with a line of slope 1 ("linear growth") and the 25 ms mark; right: the all-gather
+    bytes a rank receives per step (one process exchanges nothing and is left out).
     """
     import matplotlib
 
@@ -203,43 +204,44 @@ def plot_sweep(points: list[dict], path: Path) -> None:
 
     sizes = sorted({p["superbatch"] for p in points})
     worlds = sorted({p["world"] for p in points})
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    small = 4 if 4 in worlds else worlds[0]
+    large = worlds[-1]
+
+    def at(size: int, world: int) -> dict:
+        return next(p for p in points if p["superbatch"] == size and p["world"] == world)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     for label, name in (
         ("dm", "CABS-DM"),
         ("dm_compat", "CABS-DM official_compat"),
         ("fm", "CABS-FM"),
         ("iid", "IID"),
     ):
-        per_size = [[p[f"{label}_cpu_ms"] for p in points if p["superbatch"] == s] for s in sizes]
-        median = [statistics.median(v) for v in per_size]
-        (line,) = left.plot(sizes, median, marker="o", label=name)
-        left.fill_between(
+        (line,) = left.plot(
             sizes,
-            [min(v) for v in per_size],
-            [max(v) for v in per_size],
-            color=line.get_color(),
-            alpha=0.2,
+            [at(s, small)[f"{label}_cpu_ms"] for s in sizes],
+            marker="o",
+            label=f"{name}, {small} ranks",
         )
-    dm0 = statistics.median(p["dm_cpu_ms"] for p in points if p["superbatch"] == sizes[0])
-    left.plot(sizes, [dm0 * s / sizes[0] for s in sizes], "k:", label="linear from DM's first")
-    left.axhline(25, color="grey", lw=0.8, ls="--")
+        if large != small:
+            left.plot(
+                sizes,
+                [at(s, large)[f"{label}_cpu_ms"] for s in sizes],
+                marker=".",
+                ls="--",
+                color=line.get_color(),
+                label=f"{name}, {large} ranks",
+            )
+    first = at(sizes[0], small)["dm_cpu_ms"]
+    left.plot(sizes, [first * s / sizes[0] for s in sizes], "k:", label="linear growth")
+    left.axhline(25, color="grey", lw=0.8, ls="-.")
     left.set(
         xscale="log",
         yscale="log",
         xlabel="global superbatch (samples)",
         ylabel="CPU ms per global selection",
-        title=f"median over world sizes {worlds[0]}-{worlds[-1]} (band: min-max)",
+        title="selection time (one thread)",
     )
-    left.legend(fontsize=8)
-    for world in worlds:
-        received = [
-            next(p for p in points if p["superbatch"] == s and p["world"] == world)[
-                "all_gather_bytes_per_rank"
-            ]["received"]
-            / 2**20
-            for s in sizes
-        ]
-        right.plot(sizes, received, marker=".", label=f"world {world}")
     right.set(
         xscale="log",
         yscale="log",
@@ -247,7 +249,15 @@ def plot_sweep(points: list[dict], path: Path) -> None:
         ylabel="MiB received per rank per step",
         title="all-gather of concept ids",
     )
-    right.legend(fontsize=8)
+    for world in worlds:
+        if world == 1:
+            continue
+        received = [at(s, world)["all_gather_bytes_per_rank"]["received"] / 2**20 for s in sizes]
+        right.plot(sizes, received, marker=".", label=f"{world} ranks")
+    for axis in (left, right):
+        axis.set_xticks(sizes, [f"{s // 1024}k" for s in sizes])
+        axis.minorticks_off()
+        axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
