@@ -245,7 +245,6 @@ def _admit(
     low: float,
     scale: float,
     active: int,
-    stored: np.ndarray,
     link: np.ndarray,
     head: np.ndarray,
     heap: np.ndarray,
@@ -271,7 +270,6 @@ def _admit(
         heap[size, 0] = gain
         heap[size, 1] = g
         return size + 1
-    stored[h] = gain
     link[h] = head[b]
     head[b] = h
     return size
@@ -316,7 +314,6 @@ def lazy_greedy(
     scale = _BUCKETS / (_MAX_GAIN - low)
 
     # Initial gains, then a counting sort of the candidates into contiguous bucket segments.
-    stored = np.empty(local, dtype=np.float64)
     bucket_of = np.full(local, -1, dtype=np.int32)
     segment = np.zeros(_BUCKETS + 1, dtype=np.int64)
     for h in range(local):
@@ -325,14 +322,20 @@ def lazy_greedy(
         end = offsets[g + 1]
         if end > start:
             # Store every concept's term for the counts the table starts with (0 in both
-            # forms), then sum them: the same bits _gain computes.
+            # forms) and sum them in list order: the same bits _gain computes.
+            total = 0.0
             for e in range(start, end):
                 c = ids[e]
-                table[c, _TERM] = _term(table, c, fcap, over_value)
-            gain = _gain_from_terms(g, offsets, ids, table)
+                if table[c, COUNT] == 0.0 and table[c, _TARGET] > 0.0 and fcap > 0.0:
+                    # _term without its division: (t - 0) / t is exactly 1.0
+                    term = 1.0 + table[c, _INV_FREQ]
+                else:
+                    term = _term(table, c, fcap, over_value)
+                table[c, _TERM] = term
+                total += term
+            gain = total / (end - start)
             if gain != gain:  # a concept already at the cap: never eligible
                 continue
-            stored[h] = gain
             b = _bucket(gain, low, scale)
             bucket_of[h] = b
             segment[b + 1] += 1
@@ -368,7 +371,7 @@ def lazy_greedy(
             for m in range(segment[active], segment[active + 1]):
                 size = _admit(
                     members[m], first, offsets, ids, n_per_rank, quota, table, fcap, over_value,
-                    low, scale, active, stored, link, head, heap, size, any_full,
+                    low, scale, active, link, head, heap, size, any_full,
                 )
             h = head[active]
             head[active] = -1
@@ -376,7 +379,7 @@ def lazy_greedy(
                 following = link[h]
                 size = _admit(
                     h, first, offsets, ids, n_per_rank, quota, table, fcap, over_value,
-                    low, scale, active, stored, link, head, heap, size, any_full,
+                    low, scale, active, link, head, heap, size, any_full,
                 )
                 h = following
             for pos in range((size - 2) // 2, -1, -1):
@@ -408,7 +411,6 @@ def lazy_greedy(
             else:  # park it in its lower bucket
                 size = _pop(heap, size)
                 h = g - first
-                stored[h] = gain
                 link[h] = head[b]
                 head[b] = h
 
