@@ -424,9 +424,11 @@ def lazy_greedy(
         for h in range(local):
             if remaining == 0:
                 break
+            if not live[h]:
+                continue
             g = first + h
             rank = g // n_per_rank
-            if live[h] and quota[rank] > 0 and _eligible(g, offsets, ids, table, fcap):
+            if quota[rank] > 0 and _eligible(g, offsets, ids, table, fcap):
                 _take(g, offsets, ids, table, kept, fcap, over_value)
                 quota[rank] -= 1
                 remaining -= 1
