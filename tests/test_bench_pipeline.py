@@ -71,6 +71,17 @@ def test_decode_and_tokenize_counts(smoke: dict) -> None:
     assert smoke["invariant_vs_deferred"] > 0 and smoke["settings"]["world"] == 1
 
 
+def test_cpu_per_trained_image_is_the_tree_cpu_over_trained_images(smoke: dict) -> None:
+    for config in ("iid", "deferred", "eager", "lookahead"):
+        entry = smoke["configs"][config]
+        cpu = entry["cpu_ms_per_step"]
+        # One round: the median is that round's value, kept_batch trained images per step.
+        expected = (cpu["main"] + cpu["workers"]) / smoke["settings"]["kept_batch"]
+        assert entry["cpu_ms_per_trained"] == pytest.approx(expected, abs=0.01)  # both rounded
+        assert entry["cpu_ms_per_trained"] > 0
+    assert smoke["settings"]["resampler"] == "torch"
+
+
 def test_settings_describe_the_run(smoke: dict) -> None:
     settings = smoke["settings"]
     assert settings["kept_batch"] == 8 and settings["superbatch"] == 40

@@ -83,6 +83,10 @@ generate the data, cached with ``--data DIR``, then 5-8 minutes for the 5 rounds
 functional run of seconds. ``cpu_busy_share`` (CPU seconds of the process tree over wall seconds
 times cores, per configuration) near 1 for the loader-bound ``iid``/``eager`` says the bench had the
 machine; far below 1 says other processes took the cores and the numbers are not comparable.
+``cpu_ms_per_trained`` (per configuration) is the process tree's CPU milliseconds (reading,
+selection, decoding, tokenizing, in the main process and the workers) per delivered trained
+image: what sizes the loader cores a GPU node needs. ``--resampler pil`` decodes with open_clip's
+own PIL resize instead of the default torchvision ``uint8`` one, for the old figure.
 """
 
 from __future__ import annotations
@@ -129,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="torch intra-op threads of the main process (all configs; None: torch's default)",
+    )
+    parser.add_argument(
+        "--resampler",
+        choices=("torch", "pil"),
+        default="torch",
+        help="ImageDecoder resampler of every config (pil: open_clip's own, the old figure)",
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per round")

@@ -558,7 +558,11 @@ class Bench:
 
         def decoder(threads: int | None) -> CountingDecoder:
             return CountingDecoder.from_model_name(
-                args.model, is_train=True, seed=args.seed, num_threads=threads
+                args.model,
+                is_train=True,
+                seed=args.seed,
+                num_threads=threads,
+                resampler=args.resampler,
             )
 
         self.worker_decoder = decoder(1)
@@ -762,6 +766,9 @@ class Bench:
             "main_ms_per_step": {"wait": wait * per_step, "work": work * per_step},
             "cpu_busy_share": (cpu_main + cpu_workers) / (elapsed * CPUS),
             "cpu_ms_per_step": {"main": cpu_main * per_step, "workers": cpu_workers * per_step},
+            # Everything the process tree spent (reading, selection, decoding, tokenizing) per
+            # image the model would train on: the figure that sizes a node's loader cores.
+            "cpu_ms_per_trained": (cpu_main + cpu_workers) * 1e3 / delivered,
         }
         if config == "invariant":
             result["moved_per_step"] = {
@@ -865,6 +872,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
         }
         entry["cpu_busy_share"] = median_of(["cpu_busy_share"])
+        entry["cpu_ms_per_trained"] = median_of(["cpu_ms_per_trained"])
         entry["cpu_ms_per_step"] = {
             role: median_of(["cpu_ms_per_step", role]) for role in ("main", "workers")
         }
@@ -967,6 +975,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "main_decode_threads": bench.main_decoder.num_threads,
             "draft": bench.main_decoder.draft,
             "draft_margin": bench.main_decoder.draft_margin,
+            "resampler": bench.main_decoder.resampler,
             "torch_threads_main": torch.get_num_threads(),
             "torch_threads_workers": 1,
             "warmup_steps": args.warmup,

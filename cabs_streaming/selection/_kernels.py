@@ -18,8 +18,9 @@ import numpy as np
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
-#: Columns of the packed per-concept table: count so far, target ``t_c``, ``1 / F_c``.
-COUNT, _TARGET, _INV_FREQ = 0, 1, 2
+#: Columns of the packed per-concept table: count so far, target ``t_c``, ``1 / F_c``, and the
+#: concept's current term of the gain (maintained by :func:`lazy_greedy` only).
+COUNT, _TARGET, _INV_FREQ, _TERM = 0, 1, 2, 3
 #: Buckets of the monotone priority queue of :func:`lazy_greedy`.
 _BUCKETS = 4096
 #: No gain exceeds 2: a term is at most ``(t - 0) / t + 1 / 1``.
@@ -57,9 +58,10 @@ def distinct_lists(offsets: np.ndarray, ids: np.ndarray, num_concepts: int):
 def concept_table(doc_freq: np.ndarray, b: int, cap: int):
     """Targets ``t_c`` (docs/selection.md#cabs-dm) packed with ``1 / F_c``; returns ``(table, K)``.
 
-    ``table`` is ``float64 [V, 4]``: count (0), ``t_c``, ``1 / F_c``, padding; one 32-byte row
-    per concept means one cache line per concept visit in the greedy instead of three, and
-    counts and targets are small integers, exact in float64. Absent concepts get zeros.
+    ``table`` is ``float64 [V, 4]``: count (0), ``t_c``, ``1 / F_c``, and a slot for the
+    greedy's current term of the concept; one 32-byte row per concept means one cache line per
+    concept visit in the greedy instead of three, and counts and targets are small integers,
+    exact in float64. Absent concepts get zeros.
 
     Targets: ``base = min(b // K, M)``; the ``b mod K`` present concepts with the lowest ids get
     ``+1`` while ``base < M``; each is clamped to ``[1, M]``; if they sum to more than ``b`` they
@@ -160,6 +162,39 @@ def _gain(
 
 
 @_jit
+def _term(table: np.ndarray, c: int, cap: float, over_value: float) -> float:
+    """Concept ``c``'s term of a gain under the current count; NaN when it is at the cap.
+
+    The same float64 operations as :func:`_gain`, so a gain summed from stored terms has the
+    bits of one computed directly.
+    """
+    n_c = table[c, COUNT]
+    if n_c >= cap:
+        return np.nan
+    t_c = table[c, _TARGET]
+    if n_c < t_c:
+        return (t_c - n_c) / t_c + table[c, _INV_FREQ]
+    return over_value
+
+
+@_jit
+def _gain_from_terms(g: int, offsets: np.ndarray, ids: np.ndarray, table: np.ndarray) -> float:
+    """:func:`_gain` from the terms :func:`lazy_greedy` keeps in column ``_TERM``.
+
+    One load and one add per concept, no division and no data-dependent branch: the greedy
+    evaluates gains about twice per sample, and this loop is most of its time. A concept at the
+    cap stores NaN, which the sum propagates, so the result is NaN exactly when :func:`_gain`'s
+    is; otherwise the terms are added in list order, so the bits are :func:`_gain`'s too.
+    """
+    start = offsets[g]
+    end = offsets[g + 1]
+    total = 0.0
+    for e in range(start, end):
+        total += table[ids[e], _TERM]
+    return total / (end - start)
+
+
+@_jit
 def _eligible(g: int, offsets: np.ndarray, ids: np.ndarray, table: np.ndarray, cap: float) -> bool:
     for e in range(offsets[g], offsets[g + 1]):
         if table[ids[e], COUNT] >= cap:
@@ -168,10 +203,21 @@ def _eligible(g: int, offsets: np.ndarray, ids: np.ndarray, table: np.ndarray, c
 
 
 @_jit
-def _take(g: int, offsets: np.ndarray, ids: np.ndarray, table: np.ndarray, kept: np.ndarray):
+def _take(
+    g: int,
+    offsets: np.ndarray,
+    ids: np.ndarray,
+    table: np.ndarray,
+    kept: np.ndarray,
+    cap: float,
+    over_value: float,
+):
+    """Keep sample ``g``: count its concepts and bring their stored terms up to date."""
     kept[g] = True
     for e in range(offsets[g], offsets[g + 1]):
-        table[ids[e], COUNT] += 1.0
+        c = ids[e]
+        table[c, COUNT] += 1.0
+        table[c, _TERM] = _term(table, c, cap, over_value)
 
 
 @_jit
@@ -199,11 +245,11 @@ def _admit(
     low: float,
     scale: float,
     active: int,
-    stored: np.ndarray,
     link: np.ndarray,
     head: np.ndarray,
     heap: np.ndarray,
     size: int,
+    any_full: bool,
 ) -> int:
     """Bring entry ``h`` of the opening bucket up to date; returns the heap size.
 
@@ -214,9 +260,9 @@ def _admit(
     and park them again when they surface.
     """
     g = first + h
-    if quota[g // n_per_rank] == 0:
+    if any_full and quota[g // n_per_rank] == 0:  # skip the division while no rank is full
         return size
-    gain = _gain(g, offsets, ids, table, cap, over_value)
+    gain = _gain_from_terms(g, offsets, ids, table)
     if gain != gain:
         return size
     b = _bucket(gain, low, scale)
@@ -224,7 +270,6 @@ def _admit(
         heap[size, 0] = gain
         heap[size, 1] = g
         return size + 1
-    stored[h] = gain
     link[h] = head[b]
     head[b] = h
     return size
@@ -269,7 +314,6 @@ def lazy_greedy(
     scale = _BUCKETS / (_MAX_GAIN - low)
 
     # Initial gains, then a counting sort of the candidates into contiguous bucket segments.
-    stored = np.empty(local, dtype=np.float64)
     bucket_of = np.full(local, -1, dtype=np.int32)
     segment = np.zeros(_BUCKETS + 1, dtype=np.int64)
     for h in range(local):
@@ -277,13 +321,21 @@ def lazy_greedy(
         start = offsets[g]
         end = offsets[g + 1]
         if end > start:
-            # All counts are 0 < 1 <= t_c, so each term is (t_c - 0) / t_c + 1/F_c, and
-            # (t_c - 0) / t_c is exactly 1.0: the same bits _gain will compute later.
+            # Store every concept's term for the counts the table starts with (0 in both
+            # forms) and sum them in list order: the same bits _gain computes.
             total = 0.0
             for e in range(start, end):
-                total += 1.0 + table[ids[e], _INV_FREQ]
+                c = ids[e]
+                if table[c, COUNT] == 0.0 and table[c, _TARGET] > 0.0 and fcap > 0.0:
+                    # _term without its division: (t - 0) / t is exactly 1.0
+                    term = 1.0 + table[c, _INV_FREQ]
+                else:
+                    term = _term(table, c, fcap, over_value)
+                table[c, _TERM] = term
+                total += term
             gain = total / (end - start)
-            stored[h] = gain
+            if gain != gain:  # a concept already at the cap: never eligible
+                continue
             b = _bucket(gain, low, scale)
             bucket_of[h] = b
             segment[b + 1] += 1
@@ -303,8 +355,10 @@ def lazy_greedy(
     size = 0
     active = _BUCKETS
     remaining = 0
+    any_full = False
     for r in range(quota.shape[0]):
         remaining += quota[r]
+        any_full |= quota[r] == 0
     picks = 0
     floor_phase = False
     while remaining > 0:
@@ -317,7 +371,7 @@ def lazy_greedy(
             for m in range(segment[active], segment[active + 1]):
                 size = _admit(
                     members[m], first, offsets, ids, n_per_rank, quota, table, fcap, over_value,
-                    low, scale, active, stored, link, head, heap, size,
+                    low, scale, active, link, head, heap, size, any_full,
                 )
             h = head[active]
             head[active] = -1
@@ -325,7 +379,7 @@ def lazy_greedy(
                 following = link[h]
                 size = _admit(
                     h, first, offsets, ids, n_per_rank, quota, table, fcap, over_value,
-                    low, scale, active, stored, link, head, heap, size,
+                    low, scale, active, link, head, heap, size, any_full,
                 )
                 h = following
             for pos in range((size - 2) // 2, -1, -1):
@@ -339,13 +393,14 @@ def lazy_greedy(
         rank = g // n_per_rank
         gain = np.nan
         if quota[rank] > 0:
-            gain = _gain(g, offsets, ids, table, fcap, over_value)
+            gain = _gain_from_terms(g, offsets, ids, table)
         if gain != gain:  # rank full or a concept at the cap: ineligible for good
             size = _pop(heap, size)
         elif gain >= top:  # unchanged since stored: the true maximum
             size = _pop(heap, size)
-            _take(g, offsets, ids, table, kept)
+            _take(g, offsets, ids, table, kept, fcap, over_value)
             quota[rank] -= 1
+            any_full |= quota[rank] == 0
             remaining -= 1
             picks += 1
         else:
@@ -356,7 +411,6 @@ def lazy_greedy(
             else:  # park it in its lower bucket
                 size = _pop(heap, size)
                 h = g - first
-                stored[h] = gain
                 link[h] = head[b]
                 head[b] = h
 
@@ -370,10 +424,12 @@ def lazy_greedy(
         for h in range(local):
             if remaining == 0:
                 break
+            if not live[h]:
+                continue
             g = first + h
             rank = g // n_per_rank
-            if live[h] and quota[rank] > 0 and _eligible(g, offsets, ids, table, fcap):
-                _take(g, offsets, ids, table, kept)
+            if quota[rank] > 0 and _eligible(g, offsets, ids, table, fcap):
+                _take(g, offsets, ids, table, kept, fcap, over_value)
                 quota[rank] -= 1
                 remaining -= 1
                 picks += 1
