@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import operator
 import os
 import re
 import shutil
@@ -135,6 +134,9 @@ def convert_on_spark(
     if hasattr(inputs, "columns") and hasattr(inputs, "select"):  # a DataFrame of paths
         inputs = [row[0] for row in inputs.select(inputs.columns[0]).collect()]
     expand = _Inputs()
+    out = os.fspath(out)
+    if not is_remote(out):  # executors resolve paths in their own working folder
+        out = os.path.abspath(out)
     job = build_job(inputs, fmt, out, expand=expand, **options)
     if job.opts.tagger is not None:
         raise ConversionError(
@@ -381,6 +383,16 @@ def _prepare_output(store: Output, job: Job, overwrite: bool) -> bool:
                 f"{', '.join(foreign[:5])}; pass --overwrite to remove those, or choose another "
                 "output"
             )
+        if foreign and not store.remote:
+            root = os.path.realpath(job.out)
+            inside = [
+                p for p in job.files if os.path.commonpath([root, os.path.realpath(p)]) == root
+            ]
+            if inside:
+                raise ConversionError(
+                    f"input {inside[0]} lies inside --out {job.out}, which --overwrite would "
+                    "delete; write the output elsewhere"
+                )
         for name in [*foreign, REPORT_FILENAME, "index.json"]:
             store.remove(name)
     elif check_output(job.out, overwrite, job.files):
@@ -471,24 +483,46 @@ def _scan_task(item: tuple[int, str], shared: Any) -> tuple[int, FileScan]:
     return j, scan_file((path, opts, policy, None, fetch_input))
 
 
+def _file_facts(scan: tuple[int, FileScan]) -> tuple[int, int, Counter[str]]:
+    """(file, records, names of the records without a key): those always own themselves."""
+    j, found = scan
+    return (
+        j,
+        found.records,
+        Counter(n for _, key, names in found.owners if key is None for n in names),
+    )
+
+
 def _keyed(scan: tuple[int, FileScan]) -> list[tuple[str, tuple[int, int, list[str]]]]:
     j, found = scan
     return [(key, (j, index, names)) for index, key, names in found.owners if key is not None]
 
 
-def _keyless_names(scan: tuple[int, FileScan]) -> list[str]:
-    return [name for _, key, names in scan[1].owners if key is None for name in names]
+def _resolve_keys(
+    groups: Iterator[tuple[str, Any]],
+) -> Iterator[tuple[list[tuple[int, int]], Counter[str]]]:
+    """Per shuffle partition: the duplicate records and the key owners' concept names.
 
-
-def _owner_first(entries: Any) -> list[tuple[int, int, list[str]]]:
-    """A key's records by input position: the first owns the key, the rest are duplicates."""
-    return sorted(entries, key=lambda entry: (entry[0], entry[1]))
+    A key's records are ordered by (input file, record); the first owns the key, as in the
+    local converter's fold in input order, and the rest are duplicates.
+    """
+    duplicates: list[tuple[int, int]] = []
+    counts: Counter[str] = Counter()
+    for _, entries in groups:
+        ordered = sorted(entries, key=lambda entry: (entry[0], entry[1]))
+        counts.update(ordered[0][2])
+        duplicates.extend((j, index) for j, index, _ in ordered[1:])
+    yield duplicates, counts
 
 
 def _scan(
     sc: Any, job: Job, policy: ConceptPolicy, slices: int
 ) -> tuple[list[frozenset[int]], list[int], Counter[str]]:
-    """Pass 1 on the cluster: per file its duplicate records and record count; name counts."""
+    """Pass 1 on the cluster: per file its duplicate records and record count; name counts.
+
+    Two Spark jobs: the scan itself (kept for the second), then one shuffle of the keys. Only
+    counts, duplicates and per-file facts come back to the driver, never every key.
+    """
     from pyspark import StorageLevel
 
     shared = sc.broadcast((job.opts, policy))
@@ -496,18 +530,22 @@ def _scan(
     scans = sc.parallelize(items, slices).map(partial(_scan_task, shared=shared))
     scans.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        records = dict(_spark_job("scan", scans.mapValues(lambda s: s.records).collect))
-        by_key = scans.flatMap(_keyed).groupByKey().mapValues(_owner_first)
-        by_key.persist(StorageLevel.MEMORY_AND_DISK)
-        repeated = by_key.flatMap(lambda kv: [(e[0], e[1]) for e in kv[1][1:]])
-        dropped = _spark_job("duplicate-key pass", repeated.collect)
-        names = by_key.flatMap(lambda kv: kv[1][0][2]).union(scans.flatMap(_keyless_names))
-        pairs = names.map(lambda name: (name, 1)).reduceByKey(operator.add)
-        counts: Counter[str] = Counter(dict(_spark_job("concept count", pairs.collect)))
-        by_key.unpersist()
+        facts = _spark_job("scan", scans.map(_file_facts).collect)
+        resolved = scans.flatMap(_keyed).groupByKey(sc.defaultParallelism)
+        found = _spark_job("duplicate-key pass", resolved.mapPartitions(_resolve_keys).collect)
     finally:
         scans.unpersist()
         shared.unpersist()
+    records = [0] * len(job.files)
+    counts: Counter[str] = Counter()
+    for j, n, keyless in facts:
+        records[j] = n
+        counts.update(keyless)
+    per_file: list[set[int]] = [set() for _ in job.files]
+    for duplicates, owned in found:
+        counts.update(owned)
+        for j, index in duplicates:
+            per_file[j].add(index)
     base = job.base_vocabulary
     if job.extend_vocabulary and base:  # a base name in normal form counts as that name
         mapper = ConceptNameMapper(base)
@@ -515,10 +553,7 @@ def _scan(
         for name, n in counts.items():
             folded[canonical(mapper, name)] += n
         counts = folded
-    per_file: list[set[int]] = [set() for _ in job.files]
-    for j, index in dropped:
-        per_file[j].add(index)
-    return [frozenset(s) for s in per_file], [records[j] for j in range(len(job.files))], counts
+    return [frozenset(s) for s in per_file], records, counts
 
 
 def _fingerprint(
