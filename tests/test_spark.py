@@ -30,7 +30,12 @@ from cabs_streaming.converter.judge import ConceptPolicy
 from cabs_streaming.converter.output import writer_kwargs
 from cabs_streaming.converter.passes import PartTask
 from cabs_streaming.converter.records import ReadOptions
-from cabs_streaming.converter.spark import SPARK_FOLDER, spark_session, write_attempt
+from cabs_streaming.converter.spark import (
+    SPARK_FOLDER,
+    SparkJobFailed,
+    spark_session,
+    write_attempt,
+)
 from cabs_streaming.dataset import ConceptStreamingDataset
 
 BUCKET = "cabs-spark"
@@ -163,7 +168,8 @@ def test_jsonl_manifest_with_a_given_vocabulary_equals_the_local_conversion(
         manifests.append(str(path))
     options = {"vocabulary": str(vocabulary), "max_samples_per_shard": 2}
     local = convert(manifests, "jsonl", str(tmp_path / "local"), progress=False, **options)
-    report = convert_on_spark(spark, manifests, "jsonl", str(tmp_path / "spark"), **options)
+    paths = spark.createDataFrame([(m,) for m in manifests], ["path"])  # a DataFrame works too
+    report = convert_on_spark(spark, paths, "jsonl", str(tmp_path / "spark"), **options)
 
     _assert_same(local, report, tmp_path / "local", tmp_path / "spark")
     skipped = report["skipped"]
@@ -171,6 +177,7 @@ def test_jsonl_manifest_with_a_given_vocabulary_equals_the_local_conversion(
     # 0-0.jpg twice more, and manifest 1's nowhere.jpg (key: its image path) once
     assert skipped["duplicate key"] == 3 and skipped["malformed json"] == 2
     assert report["concept_names"] == local["concept_names"] and report["written"] == 4
+    assert report["inputs"] == manifests
 
 
 @pytest.mark.slow  # a JVM, its executors and an S3 server
@@ -355,6 +362,21 @@ def test_s3_inputs_to_s3_output_read_back_with_the_concept_dataset(
 
     again = convert_on_spark(spark, [f"s3://{BUCKET}/inputs/"], "webdataset", out)
     assert again["spark"]["parts_reused"] == 3 and again["written"] == report["written"]
+
+
+@pytest.mark.slow  # a JVM, its executors and an S3 server
+def test_an_error_in_a_task_names_its_cause_and_the_file(
+    spark: Any, tmp_path: Path, sample_jpegs: list[bytes]
+) -> None:
+    path = tmp_path / "ids.parquet"
+    table = pa.table({"image": [sample_jpegs[0]], "caption": ["a dog"], "concepts": [[3]]})
+    pq.write_table(table, path)
+    with pytest.raises(SparkJobFailed) as failed:
+        convert_on_spark(spark, [str(path)], "parquet", str(tmp_path / "out"))
+    message = str(failed.value)
+    assert message.startswith("the Spark scan failed: ")
+    assert f"{path} (key 0): concepts are given as ids (3)" in message or str(path) in message
+    assert "pass --vocabulary FILE" in message and "run the same conversion again" in message
 
 
 @pytest.mark.slow  # a JVM, its executors and an S3 server

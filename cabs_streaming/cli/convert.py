@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for add_options in (
         _add_what_to_convert,
+        _add_engine_options,
         _add_parquet_columns,
         _add_shard_options,
         _add_limits_and_safety,
@@ -109,9 +110,19 @@ def _add_what_to_convert(add: Callable[..., Any]) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="processes; each converts whole input files, so at most one per file runs "
-        "(default: 1)",
+        help="local engine: processes; each converts whole input files, so at most one per file "
+        "runs (default: 1)",
     )
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output directory, or write over a non-empty prefix (default: "
+        "refuse)",
+    )
+
+
+def _add_engine_options(add: Callable[..., Any]) -> None:
+    """Where the conversion runs: this machine's processes, or a Spark cluster."""
     add(
         "--engine",
         choices=("local", "spark"),
@@ -131,12 +142,6 @@ def _add_what_to_convert(add: Callable[..., Any]) -> None:
         type=int,
         metavar="N",
         help="spark: parts written, contiguous runs of input files (default: one per file)",
-    )
-    add(
-        "--overwrite",
-        action="store_true",
-        help="replace a non-empty output directory, or write over a non-empty prefix (default: "
-        "refuse)",
     )
 
 
