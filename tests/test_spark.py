@@ -374,8 +374,8 @@ def test_an_error_in_a_task_names_its_cause_and_the_file(
     with pytest.raises(SparkJobFailed) as failed:
         convert_on_spark(spark, [str(path)], "parquet", str(tmp_path / "out"))
     message = str(failed.value)
-    assert message.startswith("the Spark scan failed: ")
-    assert f"{path} (key 0): concepts are given as ids (3)" in message or str(path) in message
+    cause = f"ConversionError: {path} (ids.parquet:0): concepts are given as ids (3)"
+    assert message.startswith(f"the Spark scan failed: {cause}"), message
     assert "pass --vocabulary FILE" in message and "run the same conversion again" in message
 
 

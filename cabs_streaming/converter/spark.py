@@ -448,6 +448,7 @@ def _convert_locked(
     for p in parts:
         tally.add(chosen[p.index][1], job.examples_per_reason)
     extra = {
+        "workers": sc.defaultParallelism,  # the cluster's cores, as Spark counts them
         "engine": "spark",
         "spark": {
             "master": sc.master,
@@ -467,7 +468,7 @@ def _spark_job(what: str, action: Any) -> Any:
     except Exception as err:  # py4j / pyspark wrap the task's exception in their own
         text = str(err)
         causes = re.findall(
-            r"^\s*((?:[\w.]+\.)?\w*(?:Error|Exception|Busy|Died)\b: .*)$", text, re.M
+            r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Busy|Died)\b: .*)$", text, re.M
         )
         cause = causes[-1].strip() if causes else text.strip().splitlines()[0][:500]
         raise SparkJobFailed(
