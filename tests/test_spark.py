@@ -380,19 +380,32 @@ def test_an_error_in_a_task_names_its_cause_and_the_file(
 
 
 @pytest.mark.slow  # a JVM, its executors and an S3 server
-def test_the_command_line_runs_the_spark_engine(
+def test_the_command_line_runs_the_spark_engine_with_concepts_from_the_captions(
     spark: Any, tmp_path: Path, sample_jpegs: list[bytes], capsys: pytest.CaptureFixture[str]
 ) -> None:
     del spark  # the session the command line's getOrCreate finds
-    tars = _tars(tmp_path / "in", sample_jpegs)
+    words = ["dog", "cat", "bicycle", "pizza", "boat"]
+    tars = []
+    for t in range(3):  # img2dataset's layout: .jpg + .txt, no concepts in the input
+        samples = [
+            wds(f"{t}-{i}", sample_jpegs[3 * t + i], None,
+                txt=f"a {words[(t + i) % 5]} beside a {words[i]}".encode())
+            for i in range(3)
+        ]  # fmt: skip
+        tars.append(str(write_tar(tmp_path / f"img2dataset-{t}.tar", samples)))
     out = tmp_path / "cli"
     status = main(
         ["--input", *tars, "--format", "webdataset", "--out", str(out), "--engine", "spark",
-         "--spark-master", "local[2]", "--partitions", "2", "--no-progress"]
+         "--spark-master", "local[2]", "--partitions", "2", "--tag-captions", "coco",
+         "--no-progress"]
     )  # fmt: skip
     printed = json.loads(capsys.readouterr().out)
     assert status == 0 and printed["engine"] == "spark" and printed["parts"] == 2
-    assert printed["written"] == json.loads((out / "report.json").read_text())["written"]
+    local = convert(
+        tars, "webdataset", str(tmp_path / "local"), tag_captions="coco", progress=False
+    )
+    _assert_same(local, json.loads((out / "report.json").read_text()), tmp_path / "local", out)
+    assert local["written"] == 9 and local["concepts"]["distinct"] == 5
 
 
 def test_engine_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
