@@ -249,6 +249,11 @@ def test_a_second_completed_attempt_and_a_killed_one_neither_count_nor_stay(
     markers = {p.name.removesuffix(".json") for p in (out / SPARK_FOLDER / "done").iterdir()}
     assert markers == parts
 
+    (out / "notes.txt").write_text("not the converter's")  # resumed, but never deleted unasked
+    with pytest.raises(ConversionError, match="also notes.txt; pass --overwrite to remove those"):
+        convert_on_spark(spark, tars, "webdataset", str(out))
+    assert (out / "notes.txt").exists() and (out / "report.json").exists()
+
 
 @pytest.mark.slow  # a JVM, its executors and an S3 server
 def test_a_rerun_rewrites_the_parts_whose_input_or_options_changed(
