@@ -7,6 +7,7 @@ executor's environment is fixed when the session starts: the S3 settings reach t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -286,9 +288,66 @@ import sys
 from cabs_streaming.converter.spark import convert_on_spark, spark_session
 conf = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
         "spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
-spark = spark_session("local[1]", conf, app_name="cabs-test-killed")
-convert_on_spark(spark, sys.argv[2:], "webdataset", sys.argv[1])
+spark = spark_session(sys.argv[1], conf, app_name="cabs-test-driver")
+convert_on_spark(spark, sys.argv[3:], "webdataset", sys.argv[2])
 """
+
+
+def _driver(master: str, out: Path, tars: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A conversion driver in its own process group (its JVM and Python workers join it)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, master, str(out), *tars],
+        env={**os.environ, "SPARK_LOCAL_IP": HOST},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+
+
+def _kill_python_workers(driver: int) -> list[int]:
+    """SIGKILL the Python workers under ``driver``: children of PySpark's daemon, as it forks."""
+    processes = psutil.Process(driver).children(recursive=True)
+    spark_python = set()
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if "pyspark.daemon" in " ".join(process.cmdline()):
+                spark_python.add(process.pid)
+    workers = [p for p in processes if p.pid in spark_python and p.ppid() in spark_python]
+    for worker in workers:
+        worker.kill()
+    return [worker.pid for worker in workers]
+
+
+@pytest.mark.slow  # a JVM, its executors and an S3 server
+def test_a_python_worker_killed_mid_part_is_retried_and_its_attempt_dropped(
+    tmp_path: Path, sample_jpegs: list[bytes]
+) -> None:
+    tars = _tars(tmp_path / "in", sample_jpegs, files=4, per_file=16)
+    out, log = tmp_path / "spark", tmp_path / "driver.log"
+    driver = _driver("local[1,3]", out, tars, log)  # one core, three tries a task
+    try:
+        killed: list[int] = []
+        deadline = time.monotonic() + 120
+        while not killed:
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "part 2 never started"
+            writing = list(out.glob("part-00002.*")) if out.is_dir() else []
+            if writing and not list((out / SPARK_FOLDER / "done").glob("part-00002.*")):
+                killed = _kill_python_workers(driver.pid)  # part 2 is being written
+            time.sleep(0.01)
+        assert driver.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["spark"]["attempts_discarded"] >= 1 and report["spark"]["parts_written"] == 4
+    local = convert(tars, "webdataset", str(tmp_path / "local"), progress=False)
+    _assert_same(local, report, tmp_path / "local", out)
+    parts = set(_parts_in_index(out))
+    assert len(parts) == 4 == len({p.split(".")[0] for p in parts})
+    assert {p.name for p in out.iterdir() if p.name.startswith("part-")} == parts
 
 
 @pytest.mark.slow  # a JVM, its executors and an S3 server
@@ -296,17 +355,9 @@ def test_a_driver_killed_mid_write_is_resumed_by_a_rerun_to_the_same_dataset(
     spark: Any, tmp_path: Path, sample_jpegs: list[bytes]
 ) -> None:
     tars = _tars(tmp_path / "in", sample_jpegs, files=6, per_file=16)
-    out = tmp_path / "spark"
+    out, log = tmp_path / "spark", tmp_path / "driver.log"
     done = out / SPARK_FOLDER / "done"
-    env = {**os.environ, "SPARK_LOCAL_IP": HOST}
-    log = tmp_path / "driver.log"
-    driver = subprocess.Popen(
-        [sys.executable, "-c", _DRIVER, str(out), *tars],
-        env=env,
-        start_new_session=True,  # the JVM and its Python workers die with the group
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
+    driver = _driver("local[1]", out, tars, log)
     try:
         deadline = time.monotonic() + 120
         while not (done.is_dir() and len(list(done.glob("*.json"))) >= 2):
