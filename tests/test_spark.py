@@ -323,6 +323,10 @@ def test_a_python_worker_killed_mid_part_is_retried_and_its_attempt_dropped(
     tmp_path: Path, sample_jpegs: list[bytes]
 ) -> None:
     tars = _tars(tmp_path / "in", sample_jpegs, files=4, per_file=16)
+    big = [
+        wds(f"big-{i}", sample_jpegs[i % 16], {"caption": "x", "classes": []}) for i in range(600)
+    ]
+    tars[2] = str(write_tar(tmp_path / "in" / "big.tar", big))  # part 2 takes seconds to write
     out, log = tmp_path / "spark", tmp_path / "driver.log"
     driver = _driver("local[1,3]", out, tars, log)  # one core, three tries a task
     try:
@@ -355,6 +359,10 @@ def test_a_driver_killed_mid_write_is_resumed_by_a_rerun_to_the_same_dataset(
     spark: Any, tmp_path: Path, sample_jpegs: list[bytes]
 ) -> None:
     tars = _tars(tmp_path / "in", sample_jpegs, files=6, per_file=16)
+    big = [
+        wds(f"big-{i}", sample_jpegs[i % 16], {"caption": "x", "classes": []}) for i in range(600)
+    ]
+    tars[3] = str(write_tar(tmp_path / "in" / "big.tar", big))  # part 3 takes seconds to write
     out, log = tmp_path / "spark", tmp_path / "driver.log"
     done = out / SPARK_FOLDER / "done"
     driver = _driver("local[1]", out, tars, log)
