@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for add_options in (
         _add_what_to_convert,
+        _add_engine_options,
         _add_parquet_columns,
         _add_shard_options,
         _add_limits_and_safety,
@@ -109,14 +110,38 @@ def _add_what_to_convert(add: Callable[..., Any]) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="processes; each converts whole input files, so at most one per file runs "
-        "(default: 1)",
+        help="local engine: processes; each converts whole input files, so at most one per file "
+        "runs (default: 1)",
     )
     add(
         "--overwrite",
         action="store_true",
         help="replace a non-empty output directory, or write over a non-empty prefix (default: "
         "refuse)",
+    )
+
+
+def _add_engine_options(add: Callable[..., Any]) -> None:
+    """Where the conversion runs: this machine's processes, or a Spark cluster."""
+    add(
+        "--engine",
+        choices=("local", "spark"),
+        default="local",
+        help="local: this machine's processes (--workers); spark: a Spark cluster, resumable "
+        "after a crash (needs the spark extra and Java 17; README: Converting at web scale on "
+        "Spark) (default: local)",
+    )
+    add(
+        "--spark-master",
+        metavar="URL",
+        help="spark: the master, e.g. local[8] or spark://host:7077 (default: what "
+        "spark-submit or the Spark configuration says, else local[*])",
+    )
+    add(
+        "--partitions",
+        type=int,
+        metavar="N",
+        help="spark: parts written, contiguous runs of input files (default: one per file)",
     )
 
 
@@ -242,39 +267,59 @@ def _printable(report: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; print the report as JSON; return an ``EXIT_STATUSES`` code."""
-    args = build_parser().parse_args(argv)
+def _convert_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments both engines take, from the parsed command line."""
     size_limit: int | str = args.size_limit
     if isinstance(size_limit, str) and size_limit.isdigit():
         size_limit = int(size_limit)
-    try:
-        report = convert(
-            args.input,
-            args.format,
-            args.out,
-            vocabulary=args.vocabulary,
-            extend_vocabulary=args.extend_vocabulary,
-            concepts_from=args.concepts_from,
-            tag_captions=args.tag_captions,
-            tagger=args.tagger,
-            workers=args.workers,
-            overwrite=args.overwrite,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            concepts_column=args.concepts_column,
-            key_column=args.key_column,
-            recaption_column=args.recaption_column,
-            size_limit=size_limit,
-            compression=args.compression,
-            hashes=args.hashes,
-            max_samples_per_shard=args.max_samples_per_shard,
-            examples_per_reason=args.examples_per_reason,
-            limits=Limits(args.max_member_bytes, args.max_caption_bytes, args.max_image_pixels),
-            image_roots=args.image_root,
-            break_lock=args.break_lock,
-            progress=not args.no_progress,
+    return {
+        "vocabulary": args.vocabulary,
+        "extend_vocabulary": args.extend_vocabulary,
+        "concepts_from": args.concepts_from,
+        "tag_captions": args.tag_captions,
+        "tagger": args.tagger,
+        "overwrite": args.overwrite,
+        "image_column": args.image_column,
+        "caption_column": args.caption_column,
+        "concepts_column": args.concepts_column,
+        "key_column": args.key_column,
+        "recaption_column": args.recaption_column,
+        "size_limit": size_limit,
+        "compression": args.compression,
+        "hashes": args.hashes,
+        "max_samples_per_shard": args.max_samples_per_shard,
+        "examples_per_reason": args.examples_per_reason,
+        "limits": Limits(args.max_member_bytes, args.max_caption_bytes, args.max_image_pixels),
+        "image_roots": args.image_root,
+        "break_lock": args.break_lock,
+        "progress": not args.no_progress,
+    }
+
+
+def _run(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """Convert with the chosen engine; Spark options without ``--engine spark`` are an error."""
+    if args.engine == "local":
+        if args.spark_master is not None or args.partitions is not None:
+            raise ConversionError("--spark-master and --partitions need --engine spark")
+        return convert(args.input, args.format, args.out, workers=args.workers, **options)
+    if args.workers != 1:
+        raise ConversionError(
+            "--workers is the local engine's; with --engine spark use --partitions"
         )
+    from cabs_streaming.converter.spark import convert_on_spark, spark_session
+
+    conf = {} if options["progress"] else {"spark.ui.showConsoleProgress": "false"}
+    spark = spark_session(args.spark_master, conf)
+    return convert_on_spark(
+        spark, args.input, args.format, args.out, partitions=args.partitions, **options
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; print the report as JSON; return an ``EXIT_STATUSES`` code."""
+    args = build_parser().parse_args(argv)
+    try:
+        report = _run(args, _convert_options(args))
     except OutputBusy as err:
         print(f"cabs-convert: error: {err}", file=sys.stderr)
         return 5
@@ -282,9 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cabs-convert: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        again = (
+            "run the same command again to resume (completed parts are kept)"
+            if args.engine == "spark"
+            else "run the same command with --overwrite to start again"
+        )
         print(
-            f"cabs-convert: interrupted; {args.out} may hold a partial dataset: run the same "
-            "command with --overwrite to start again",
+            f"cabs-convert: interrupted; {args.out} may hold a partial dataset: {again}",
             file=sys.stderr,
         )
         return 130

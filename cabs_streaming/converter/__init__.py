@@ -102,9 +102,10 @@ decoding, strict json fields), ``readers/`` (one module per input format, and th
 files of manifests and parquet), ``sources`` (concepts from the input, the captions or a
 tagger), ``judge`` (the checks both passes share, and the image check), ``passes`` (scan one
 file, write one part), ``progress`` (bars across processes), ``tally`` (counts and the report),
-``output`` (checking, locking and publishing ``--out``), ``api`` (:func:`convert`). Readers,
-the judge and the part writer are plain functions, so another engine (Spark) can schedule them
-in place of the process pool (docs/design.md#one-converter-several-engines).
+``output`` (checking, locking and publishing ``--out``), ``api`` (:func:`convert`), ``spark``
+(:func:`convert_on_spark`: the same passes as Spark tasks, resumable, for corpora beyond one
+machine). Readers, the judge and the part writer are plain functions, so an engine schedules
+them in place of the process pool (docs/design.md#one-converter-several-engines).
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ from cabs_streaming.converter.records import (
     Limits,
     OutputBusy,
 )
+from cabs_streaming.converter.spark import convert_on_spark
 
 __all__ = [
     "CONCEPT_SOURCES",
@@ -132,5 +134,6 @@ __all__ = [
     "Limits",
     "OutputBusy",
     "convert",
+    "convert_on_spark",
     "image_problem",
 ]

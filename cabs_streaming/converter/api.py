@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -54,7 +54,7 @@ from cabs_streaming.converter.records import (
 from cabs_streaming.converter.tally import Tally, build_report
 from cabs_streaming.tagging import ConceptNameMapper, TaggingVocabulary, load_tagger
 
-__all__ = ["Job", "convert"]
+__all__ = ["Job", "build_job", "convert", "final_vocabulary", "policies", "publish_dataset"]
 
 
 def convert(
@@ -148,6 +148,67 @@ def convert(
             without a vocabulary, a tagger that cannot be imported or fails: the message names
             the file and what to do.
     """
+    job = build_job(
+        inputs,
+        fmt,
+        out,
+        vocabulary=vocabulary,
+        extend_vocabulary=extend_vocabulary,
+        concepts_from=concepts_from,
+        tag_captions=tag_captions,
+        tagger=tagger,
+        workers=workers,
+        image_column=image_column,
+        caption_column=caption_column,
+        concepts_column=concepts_column,
+        key_column=key_column,
+        recaption_column=recaption_column,
+        size_limit=size_limit,
+        compression=compression,
+        hashes=hashes,
+        max_samples_per_shard=max_samples_per_shard,
+        examples_per_reason=examples_per_reason,
+        limits=limits,
+        image_roots=image_roots,
+        progress=progress,
+    )
+    with output_lock(job.out, break_lock) as notes:
+        clear_output = check_output(job.out, overwrite, job.files)
+        return _convert_locked(job, clear_output, notes)
+
+
+def build_job(
+    inputs: Sequence[str | os.PathLike[str]],
+    fmt: str,
+    out: str | os.PathLike[str],
+    *,
+    vocabulary: str | os.PathLike[str] | Vocabulary | None = None,
+    extend_vocabulary: bool = False,
+    concepts_from: str | None = None,
+    tag_captions: str | os.PathLike[str] | None = None,
+    tagger: str | None = None,
+    workers: int = 1,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    concepts_column: str | None = None,
+    key_column: str | None = None,
+    recaption_column: str | None = None,
+    size_limit: int | str | None = 1 << 26,
+    compression: str | None = None,
+    hashes: Sequence[str] = ("xxh64",),
+    max_samples_per_shard: int | None = None,
+    examples_per_reason: int = 5,
+    limits: Limits | None = None,
+    image_roots: Sequence[str | os.PathLike[str]] = (),
+    progress: bool = True,
+    expand: Callable[[Sequence[str | os.PathLike[str]], str], list[str]] | None = None,
+) -> Job:
+    """Check a request (the arguments of :func:`convert`) into a :class:`Job`; reads no sample.
+
+    Shared by every engine, so that the process pool and Spark accept exactly the same options
+    with the same messages. ``expand`` turns ``inputs`` into files (default: local paths,
+    directories and globs; the Spark engine also lists ``s3://`` prefixes).
+    """
     started = time.monotonic()
     opts = _read_options(
         fmt,
@@ -168,8 +229,8 @@ def convert(
     mds_kwargs = writer_kwargs(size_limit, compression, hashes)
     base_vocabulary = _base_vocabulary(opts, vocabulary, extend_vocabulary)
     out = os.fspath(out)
-    files = _expand_inputs(inputs, fmt)
-    job = Job(
+    files = (expand or _expand_inputs)(inputs, fmt)
+    return Job(
         files=files,
         out=out,
         opts=_with_image_roots(opts, image_roots),
@@ -182,9 +243,6 @@ def convert(
         progress=progress,
         started=started,
     )
-    with output_lock(out, break_lock) as notes:
-        clear_output = check_output(out, overwrite, files)
-        return _convert_locked(job, clear_output, notes)
 
 
 @dataclass
@@ -335,6 +393,21 @@ class _Scanned:
     counts: Counter[str] = field(default_factory=Counter)
 
 
+def policies(job: Job, final: Vocabulary | None = None) -> ConceptPolicy:
+    """The scan's concept policy, or with ``final`` the write pass's (every engine uses these).
+
+    The scan accepts any name while a vocabulary is built or extended, else only the given
+    names; the write pass maps names onto the final vocabulary. Ids are checked against the
+    given vocabulary's size (without one they mean nothing and are refused).
+    """
+    base = job.base_vocabulary
+    base_names = None if base is None else tuple(base.names)
+    id_limit = None if base_names is None else len(base_names)
+    if final is not None:
+        return ConceptPolicy(tuple(final.names), id_limit)
+    return ConceptPolicy(None if job.extend_vocabulary else base_names, id_limit)
+
+
 def _scan_all(job: Job, workers: _Workers, policy: ConceptPolicy) -> _Scanned:
     """Pass 1: keys and concept counts, file by file, folded in input order.
 
@@ -371,7 +444,7 @@ def _fold(
     return dropped
 
 
-def _final_vocabulary(job: Job, counts: Counter[str]) -> tuple[Vocabulary, str, int]:
+def final_vocabulary(job: Job, counts: Counter[str]) -> tuple[Vocabulary, str, int]:
     """The vocabulary the shards are written with, where it came from, and how many it added."""
     by_frequency = sorted(counts, key=lambda name: (-counts[name], name))
     base = job.base_vocabulary
@@ -421,9 +494,6 @@ def _write_all(
 
 def _convert_locked(job: Job, clear_output: bool, notes: list[str]) -> dict[str, Any]:
     """Scan, write, merge and publish, with ``job.out`` locked and checked."""
-    base = job.base_vocabulary
-    base_names = None if base is None else tuple(base.names)
-    id_limit = None if base_names is None else len(base_names)
     processes = min(job.workers, len(job.files))
     if job.workers > len(job.files):
         notes.append(
@@ -432,13 +502,30 @@ def _convert_locked(job: Job, clear_output: bool, notes: list[str]) -> dict[str,
             "into more files (several tars or parquet files) to use more"
         )
     with _workers(job, processes) as workers:
-        scan_policy = ConceptPolicy(None if job.extend_vocabulary else base_names, id_limit)
+        scan_policy = policies(job)
         scanned = _scan_all(job, workers, scan_policy)
-        final, source, added = _final_vocabulary(job, scanned.counts)
+        final, source, added = final_vocabulary(job, scanned.counts)
         if clear_output:
             clear_folder(job.out)
-        write_policy = ConceptPolicy(tuple(final.names), id_limit)
+        write_policy = policies(job, final)
         tally, part_names = _write_all(job, workers, scanned, write_policy, processes)
+    return publish_dataset(job, tally, part_names, (final, source, added), notes)
+
+
+def publish_dataset(
+    job: Job,
+    tally: Tally,
+    part_names: Sequence[str],
+    vocabulary: tuple[Vocabulary, str, int],
+    notes: list[str],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Merge the parts in order, then publish ``vocabulary.json`` and ``report.json``.
+
+    The report goes last, so a dataset with a report is complete. ``vocabulary`` is what
+    :func:`final_vocabulary` returned; ``extra`` adds engine facts to the report.
+    """
+    final, source, added = vocabulary
     if part_names:
         merge_parts(job.out, part_names)
     publish(job.out, VOCABULARY_FILENAME, final.to_json())
@@ -456,6 +543,7 @@ def _convert_locked(job: Job, clear_output: bool, notes: list[str]) -> dict[str,
         notes=notes,
         seconds=time.monotonic() - job.started,
     )
+    report.update(extra or {})
     publish(job.out, REPORT_FILENAME, json.dumps(report, indent=2, ensure_ascii=False))
     return report
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,17 @@ from cabs_streaming.converter.records import ConversionError, DamagedInput, Read
 from cabs_streaming.converter.sources import read_records
 from cabs_streaming.converter.tally import Tally
 
+#: Makes an input readable as a local file for the time of a ``with``: ``fetch(path)`` yields
+#: the local path (another engine's hook, e.g. Spark downloading an ``s3://`` input).
+Fetch = Callable[[str], AbstractContextManager[str]]
+
+
+@contextmanager
+def readable(path: str, fetch: Fetch | None) -> Iterator[str]:
+    """``path`` as a local file the readers can open (itself, unless ``fetch`` is given)."""
+    with nullcontext(path) if fetch is None else fetch(path) as local:
+        yield local
+
 
 @dataclass
 class FileScan:
@@ -33,23 +45,24 @@ class FileScan:
     owners: list[tuple[int, str | None, list[str]]]  # (index, key, concept names) if valid
 
 
-def scan_file(task: tuple[str, ReadOptions, ConceptPolicy, str | None]) -> FileScan:
-    """Pass 1 over one file ``(path, options, policy, tagger spill)``; never reads an image.
+def scan_file(task: tuple[Any, ...]) -> FileScan:
+    """Pass 1 over one file ``(path, options, policy, tagger spill[, fetch])``; no image read.
 
     A damaged file ends its scan quietly: the write pass meets the same damage and reports it.
     """
-    path, opts, policy, spill = task
+    path, opts, policy, spill, *rest = task
     judge = Judge(policy, path, opts.limits)
     tick = Ticker()
     scan = FileScan(path, 0, [])
     try:
-        for rec in read_records(path, opts, scan=True, spill=spill):
-            scan.records += 1
-            tick()
-            verdict, _ = judge.metadata_verdict(rec)
-            if verdict is None:
-                names = [c for c in rec.concepts if isinstance(c, str)]
-                scan.owners.append((rec.index, rec.key, names))
+        with readable(path, rest[0] if rest else None) as local:
+            for rec in read_records(local, opts, scan=True, spill=spill):
+                scan.records += 1
+                tick()
+                verdict, _ = judge.metadata_verdict(rec)
+                if verdict is None:
+                    names = [c for c in rec.concepts if isinstance(c, str)]
+                    scan.owners.append((rec.index, rec.key, names))
     except DamagedInput:
         pass  # the write pass meets the same damage and reports it
     tick.flush()
@@ -68,6 +81,7 @@ class PartTask:
     writer_kwargs: dict[str, Any]
     max_samples_per_shard: int | None
     examples_per_reason: int
+    fetch: Fetch | None = None  # how an input becomes a local file (None: it is one)
 
 
 def write_part(task: PartTask) -> Tally:
@@ -86,10 +100,11 @@ def write_part(task: PartTask) -> Tally:
             judge = Judge(task.policy, path, task.opts.limits)
             records = 0
             try:
-                for rec in read_records(path, task.opts, scan=False, spill=spill):
-                    records += 1
-                    tick()
-                    _write_record(rec, judge, rec.index in duplicates, writer, task, tally)
+                with readable(path, task.fetch) as local:
+                    for rec in read_records(local, task.opts, scan=False, spill=spill):
+                        records += 1
+                        tick()
+                        _write_record(rec, judge, rec.index in duplicates, writer, task, tally)
             except DamagedInput as err:
                 tally.errors.append({"file": path, "error": str(err)})
             tally.read += records

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cabs_streaming.converter.records import INVALID_UTF8, SKIP_ALARM_SHARE, SKIP_REASONS
@@ -62,6 +62,24 @@ class Tally:
         self.normalised_names.update(other.normalised_names)
         self.concept_instances.update(other.concept_instances)
         self.concept_samples.update(other.concept_samples)
+
+
+def tally_to_json(tally: Tally) -> dict[str, Any]:
+    """``tally`` as plain JSON, for a part's completion marker (Counter keys become lists)."""
+    data = asdict(tally)
+    for name in ("skipped", "unknown_names", "concept_instances", "concept_samples"):
+        data[name] = sorted(getattr(tally, name).items())
+    data["normalised_names"] = sorted([[a, b], n] for (a, b), n in tally.normalised_names.items())
+    return data
+
+
+def tally_from_json(data: dict[str, Any]) -> Tally:
+    """The :class:`Tally` that :func:`tally_to_json` wrote."""
+    data = dict(data)
+    for name in ("skipped", "unknown_names", "concept_instances", "concept_samples"):
+        data[name] = Counter({key: n for key, n in data[name]})
+    data["normalised_names"] = Counter({(a, b): n for (a, b), n in data["normalised_names"]})
+    return Tally(**data)
 
 
 def concept_counts(tally: Tally, names: Sequence[str], shown: int = 10) -> dict[str, Any]:
