@@ -429,6 +429,38 @@ def test_s3_inputs_to_s3_output_read_back_with_the_concept_dataset(
 
 
 @pytest.mark.slow  # a JVM, its executors and an S3 server
+def test_an_s3_jsonl_manifest_reads_its_images_from_its_own_prefix_only(
+    spark: Any, server: S3Server, tmp_path: Path, sample_jpegs: list[bytes]
+) -> None:
+    folder = tmp_path / "site" / "manifests"
+    folder.mkdir(parents=True)
+    (tmp_path / "site" / "outside.jpg").write_bytes(sample_jpegs[9])  # exists, not to be read
+    lines = []
+    for i in range(4):
+        (folder / f"{i}.jpg").write_bytes(sample_jpegs[i])
+        lines.append({"image": f"{i}.jpg", "caption": f"photo {i}", "concepts": ["dog"]})
+    lines.append({"image": "../outside.jpg", "caption": "escapes", "concepts": ["dog"]})
+    lines.append({"image": "gone.jpg", "caption": "missing", "concepts": ["cat"]})
+    (folder / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    client = server.client()
+    for path in (tmp_path / "site").rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"site/{path.relative_to(tmp_path / 'site')}")
+
+    local = convert([str(folder / "m.jsonl")], "jsonl", str(tmp_path / "local"), progress=False)
+    report = convert_on_spark(
+        spark, [f"s3://{BUCKET}/site/manifests/m.jsonl"], "jsonl", str(tmp_path / "spark")
+    )
+    for field in ("read", "written", "skipped", "concepts", "vocabulary", "concept_names"):
+        assert report[field] == local[field], field
+    assert report["written"] == 4 and report["skipped"]["missing image"] == 2
+    assert read_back(tmp_path / "local") == read_back(tmp_path / "spark")
+    details = [e["detail"] for e in report["examples"]["missing image"]]
+    assert any(f"leaves s3://{BUCKET}/site/manifests" in d for d in details), details
+    assert any(f"s3://{BUCKET}/site/manifests/gone.jpg" in d for d in details), details
+
+
+@pytest.mark.slow  # a JVM, its executors and an S3 server
 def test_an_error_in_a_task_names_its_cause_and_the_file(
     spark: Any, tmp_path: Path, sample_jpegs: list[bytes]
 ) -> None:

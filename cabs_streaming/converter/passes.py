@@ -10,7 +10,9 @@ vocabulary, checks its image and writes the survivors into one MDS (sub-)dataset
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
+import posixpath
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -36,6 +38,17 @@ def readable(path: str, fetch: Fetch | None) -> Iterator[str]:
         yield local
 
 
+def options_for(path: str, opts: ReadOptions) -> ReadOptions:
+    """``opts`` for reading ``path``: a remote manifest's image paths are beside it, remotely.
+
+    A fetched ``s3://`` manifest is read from a local copy; its relative image paths still
+    name objects under the manifest's own prefix, not files beside the copy.
+    """
+    if "://" in path:
+        return dataclasses.replace(opts, image_base=posixpath.dirname(path))
+    return opts
+
+
 @dataclass
 class FileScan:
     """What the scan learnt about one file: its record count and the valid records' keys."""
@@ -56,7 +69,7 @@ def scan_file(task: tuple[Any, ...]) -> FileScan:
     scan = FileScan(path, 0, [])
     try:
         with readable(path, rest[0] if rest else None) as local:
-            for rec in read_records(local, opts, scan=True, spill=spill):
+            for rec in read_records(local, options_for(path, opts), scan=True, spill=spill):
                 scan.records += 1
                 tick()
                 verdict, _ = judge.metadata_verdict(rec)
@@ -101,7 +114,8 @@ def write_part(task: PartTask) -> Tally:
             records = 0
             try:
                 with readable(path, task.fetch) as local:
-                    for rec in read_records(local, task.opts, scan=False, spill=spill):
+                    opts = options_for(path, task.opts)
+                    for rec in read_records(local, opts, scan=False, spill=spill):
                         records += 1
                         tick()
                         _write_record(rec, judge, rec.index in duplicates, writer, task, tally)

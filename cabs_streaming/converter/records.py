@@ -126,6 +126,9 @@ class ReadOptions:
     tagger: str | None = None  # "module:function": concept names come from the user's tagger
     limits: Limits = field(default_factory=Limits)
     image_roots: tuple[str, ...] = ()  # real paths image paths may point into, besides the file's
+    # Where a manifest's relative image paths live when the manifest was downloaded from there
+    # (an ``s3://`` prefix: the Spark engine's inputs); None: beside the file being read.
+    image_base: str | None = None
 
     @property
     def read_concepts(self) -> bool:

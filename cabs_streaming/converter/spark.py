@@ -27,8 +27,11 @@ and ETag), their duplicate records, the final vocabulary and every option that s
 sample; a rerun into the same ``out`` after a crash keeps every part whose marker matches and
 writes only the rest, giving the dataset an uninterrupted run gives.
 
-Not supported here: ``--tagger`` (its names are kept on the scanning machine's disk), glob
-patterns on ``s3://``, and ``s3://`` JSONL manifests (their images are files beside them).
+A manifest (JSONL, or parquet with image paths) on ``s3://`` names objects under its own prefix;
+the tasks read them with the same confinement and size bound as local files.
+
+Not supported here: ``--tagger`` (its names are kept on the scanning machine's disk) and glob
+patterns on ``s3://``.
 """
 
 from __future__ import annotations
@@ -217,12 +220,6 @@ class _Inputs:
 
     def _list_s3(self, url: str, fmt: str) -> list[str]:
         """An ``s3://`` file, or the files under a prefix with ``fmt``'s suffixes, sorted."""
-        if fmt == "jsonl":
-            raise ConversionError(
-                f"input {url}: JSONL manifests name image files beside them, which the spark "
-                "engine reads only from a local or shared file system; convert parquet with "
-                "image bytes or WebDataset tars from s3://, or copy the manifest's folder"
-            )
         parsed = urllib.parse.urlparse(url)
         bucket, key = parsed.netloc, parsed.path.lstrip("/")
         client = s3_client(f"s3://{bucket}")

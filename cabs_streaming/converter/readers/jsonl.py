@@ -41,7 +41,7 @@ def _manifest_lines(manifest: Any, limit: int) -> Iterator[tuple[int, bytes | No
 
 def read_jsonl(path: str, opts: ReadOptions, with_images: bool) -> Iterator[Record]:
     """Lines of a manifest; image paths are relative to the manifest's directory."""
-    base = os.path.dirname(path)
+    base = opts.image_base or os.path.dirname(path)
     limit = opts.limits.max_member_bytes
     with open(path, "rb") as manifest:
         for index, (line_number, raw) in enumerate(_manifest_lines(manifest, limit)):

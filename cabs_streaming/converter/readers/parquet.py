@@ -228,7 +228,7 @@ def read_parquet(path: str, opts: ReadOptions, with_images: bool) -> Iterator[Re
     if with_images:
         columns.append(plan.image)
     columns = list(dict.fromkeys(columns))
-    base, file_name = os.path.dirname(path), os.path.basename(path)
+    base, file_name = opts.image_base or os.path.dirname(path), os.path.basename(path)
     row = 0
     try:
         for batch in parquet.iter_batches(batch_size=256 if with_images else 8192, columns=columns):
