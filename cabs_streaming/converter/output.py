@@ -49,6 +49,11 @@ def uploader_for(out: str) -> Any:
     return uploader
 
 
+def s3_client(url: str) -> Any:
+    """A boto3 S3 client set up as Streaming's (``S3_ENDPOINT_URL``, boto3's credentials)."""
+    return _internals.uploader_s3_client(uploader_for(url))
+
+
 def check_output(out: str, overwrite: bool, files: Sequence[str]) -> bool:
     """Refuse a non-empty output unless ``overwrite``; True when the local dir must be cleared.
 

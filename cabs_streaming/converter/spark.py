@@ -68,7 +68,7 @@ from cabs_streaming.converter.output import (
     clear_folder,
     is_remote,
     output_lock,
-    uploader_for,
+    s3_client,
 )
 from cabs_streaming.converter.passes import FileScan, PartTask, scan_file, split_contiguous
 from cabs_streaming.converter.passes import write_part as write_part_files
@@ -241,13 +241,6 @@ class _Inputs:
         for k in chosen:
             self.identity[f"s3://{bucket}/{k}"] = [found[k]["Size"], found[k].get("ETag")]
         return [f"s3://{bucket}/{k}" for k in chosen]
-
-
-def s3_client(url: str) -> Any:
-    """A boto3 S3 client set up as Streaming's (``S3_ENDPOINT_URL``, boto3's credentials)."""
-    from cabs_streaming import _internals
-
-    return _internals.uploader_s3_client(uploader_for(url))
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import stat
 import urllib.parse
 from typing import Any
 
+from cabs_streaming.converter.output import s3_client
 from cabs_streaming.converter.records import ImageRead, ReadOptions
 
 
@@ -95,8 +96,6 @@ def read_image_object(name: str, base: str, opts: ReadOptions) -> ImageRead:
     url, limit = f"s3://{bucket}/{key}", opts.limits.max_member_bytes
     client = _clients.get(bucket)
     if client is None:
-        from cabs_streaming.converter.spark import s3_client
-
         client = _clients[bucket] = s3_client(f"s3://{bucket}")
     try:
         size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
