@@ -549,3 +549,61 @@ def reserve_scores(
             gain = _gain(g, offsets, ids, table, float(cap), over_value)
             out[g - lo] = low - 2.0 if np.isnan(gain) else gain
     return out
+
+
+@_jit
+def take_first_in_order(
+    keys: np.ndarray,
+    offsets: np.ndarray,
+    world: int,
+    need: np.ndarray,
+    empty_only: bool,
+    kept: np.ndarray,
+) -> int:
+    """Per rank, keep its ``need[r]`` unkept samples that come first by ``(keys[g], g)``.
+
+    The seeded order of docs/selection.md: ascending random key, ties to the lower index. With
+    ``empty_only`` only samples with an empty list are candidates (the fill's first group). A
+    rank with fewer candidates keeps them all. ``need`` is lowered by what each rank got and
+    ``kept`` (bool, global) marked; returns the number of samples kept.
+
+    A selection, not a sort: the ``m``-th smallest key ``u*`` by ``np.partition`` (O(n)), then
+    one ascending scan keeps every key below ``u*`` and the lowest-index ties at ``u*``.
+    """
+    size = offsets.shape[0] - 1
+    n = size // world
+    buffer = np.empty(n, dtype=np.float64)
+    added = 0
+    for r in range(world):
+        m = need[r]
+        if m <= 0:
+            continue
+        count = 0
+        for g in range(r * n, (r + 1) * n):
+            if not kept[g] and (not empty_only or offsets[g] == offsets[g + 1]):
+                buffer[count] = keys[g]
+                count += 1
+        if count == 0:
+            continue
+        if count <= m:
+            threshold = np.inf
+            ties = 0
+        else:
+            threshold = np.partition(buffer[:count], m - 1)[m - 1]
+            ties = m
+            for i in range(count):
+                ties -= buffer[i] < threshold
+        taken = 0
+        for g in range(r * n, (r + 1) * n):
+            if taken == m:
+                break
+            if kept[g] or (empty_only and offsets[g] != offsets[g + 1]):
+                continue
+            u = keys[g]
+            if u < threshold or (u == threshold and ties > 0):
+                ties -= u == threshold
+                kept[g] = True
+                taken += 1
+        need[r] -= taken
+        added += taken
+    return added

@@ -48,8 +48,8 @@ def diversity_keep(
     or over target and a per-rank cap ``M_rank`` (10 unless ``concept_cap`` is given); targets use
     ``b = k`` and ``M_rank`` with ``K`` and ``F_c`` of the global superbatch.
 
-    Both forms then fill an open quota from the rank's unkept samples, empty ones first, drawn
-    with ``default_rng([seed, step, rank])`` (:func:`fill_quota`). This is where we
+    Both forms then fill an open quota from the rank's unkept samples, empty ones first, in the
+    step's seeded order (:func:`fill_quota`). This is where we
     deviate from the reference in compat mode: it fills by unseeded random choice among eligible
     samples and may return a short batch; ours is deterministic and always full.
     """
