@@ -64,12 +64,9 @@ def diversity_keep(
     else:
         cap = concept_cap if concept_cap is not None else REFERENCE_RANK_CAP
         table, present = _kernels.concept_table(doc_freq, k, cap)
-        for rank in range(sb.world):
-            table[:, _kernels.COUNT] = 0.0  # every rank counts alone
-            _kernels.lazy_greedy(
-                sb.offsets, sb.ids, rank * n, (rank + 1) * n, n, quota, table, cap,
-                REFERENCE_OVER_TARGET, kept,
-            )
+        _kernels.per_rank_greedy(
+            sb.offsets, sb.ids, sb.world, quota, table, cap, REFERENCE_OVER_TARGET, kept
+        )
     filled = fill_quota(sb, kept, k, seed, step)
     return Kept(kept, filled=filled, superbatch_distinct=int(present))
 
