@@ -586,6 +586,20 @@ def reserve_scores(
 
 
 @_jit
+def fill_in_order(keys: np.ndarray, offsets: np.ndarray, world: int, need: np.ndarray, kept):
+    """The fill (docs/selection.md#the-fill): per rank, empty samples first, then the others.
+
+    Both groups by :func:`take_first_in_order`; the second pass only runs when some rank is
+    still short. Returns the number of samples added.
+    """
+    added = take_first_in_order(keys, offsets, world, need, True, kept)
+    for r in range(world):
+        if need[r] > 0:
+            return added + take_first_in_order(keys, offsets, world, need, False, kept)
+    return added
+
+
+@_jit
 def take_first_in_order(
     keys: np.ndarray,
     offsets: np.ndarray,

@@ -135,10 +135,7 @@ def fill_quota(sb: Superbatch, kept: np.ndarray, k: int, seed: int, step: int) -
     if not need.any():
         return 0
     keys = step_keys(seed, step, sb.size)
-    added = _kernels.take_first_in_order(keys, sb.offsets, sb.world, need, True, kept)
-    if need.any():
-        added += _kernels.take_first_in_order(keys, sb.offsets, sb.world, need, False, kept)
-    return added
+    return _kernels.fill_in_order(keys, sb.offsets, sb.world, need, kept)
 
 
 @dataclass(frozen=True)
