@@ -586,6 +586,32 @@ def reserve_scores(
 
 
 @_jit
+def _kth_smallest_key(values: np.ndarray, count: int, m: int) -> float:
+    """The ``m``-th smallest (1-based) of ``values[:count]``, keys in ``[0, 1)``.
+
+    A one-level radix selection for uniform keys: ``floor(u * count)`` is monotone in ``u``, so a
+    histogram over ``count`` buckets finds the bucket holding the ``m``-th key, and only that
+    bucket (about one key) is sorted. O(count), with no copy of the keys.
+    """
+    histogram = np.zeros(count, dtype=np.int64)
+    for i in range(count):
+        histogram[min(int(values[i] * count), count - 1)] += 1
+    below = 0
+    bucket = 0
+    while below + histogram[bucket] < m:
+        below += histogram[bucket]
+        bucket += 1
+    inside = np.empty(histogram[bucket], dtype=np.float64)
+    j = 0
+    for i in range(count):
+        if min(int(values[i] * count), count - 1) == bucket:
+            inside[j] = values[i]
+            j += 1
+    inside.sort()
+    return inside[m - below - 1]
+
+
+@_jit
 def fill_in_order(keys: np.ndarray, offsets: np.ndarray, world: int, need: np.ndarray, kept):
     """The fill (docs/selection.md#the-fill): per rank, empty samples first, then the others.
 
@@ -615,8 +641,8 @@ def take_first_in_order(
     rank with fewer candidates keeps them all. ``need`` is lowered by what each rank got and
     ``kept`` (bool, global) marked; returns the number of samples kept.
 
-    A selection, not a sort: the ``m``-th smallest key ``u*`` by ``np.partition`` (O(n)), then
-    one ascending scan keeps every key below ``u*`` and the lowest-index ties at ``u*``.
+    A selection, not a sort: the ``m``-th smallest key ``u*`` (:func:`_kth_smallest_key`, O(n)),
+    then one ascending scan keeps every key below ``u*`` and the lowest-index ties at ``u*``.
     """
     size = offsets.shape[0] - 1
     n = size // world
@@ -637,7 +663,7 @@ def take_first_in_order(
             threshold = np.inf
             ties = 0
         else:
-            threshold = np.partition(buffer[:count], m - 1)[m - 1]
+            threshold = _kth_smallest_key(buffer, count, m)
             ties = m
             for i in range(count):
                 ties -= buffer[i] < threshold
