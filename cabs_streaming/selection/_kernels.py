@@ -612,72 +612,76 @@ def _kth_smallest_key(values: np.ndarray, count: int, m: int) -> float:
 
 
 @_jit
-def fill_in_order(keys: np.ndarray, offsets: np.ndarray, world: int, need: np.ndarray, kept):
-    """The fill (docs/selection.md#the-fill): per rank, empty samples first, then the others.
+def _take_lowest(keys: np.ndarray, idx: np.ndarray, count: int, m: int, buffer, kept) -> int:
+    """Keep the ``m`` of samples ``idx[:count]`` (ascending) that come first by ``(key, index)``.
 
-    Both groups by :func:`take_first_in_order`; the second pass only runs when some rank is
-    still short. Returns the number of samples added.
+    All of them when there are no more than ``m``. Otherwise a selection, not a sort: the
+    ``m``-th smallest key ``u*`` (:func:`_kth_smallest_key`, O(count)), then one scan in index
+    order keeps every key below ``u*`` and the lowest-index ties at ``u*``. Returns how many.
     """
-    added = take_first_in_order(keys, offsets, world, need, True, kept)
-    for r in range(world):
-        if need[r] > 0:
-            return added + take_first_in_order(keys, offsets, world, need, False, kept)
-    return added
+    if count <= m:
+        for i in range(count):
+            kept[idx[i]] = True
+        return count
+    for i in range(count):
+        buffer[i] = keys[idx[i]]
+    threshold = _kth_smallest_key(buffer, count, m)
+    ties = m
+    for i in range(count):
+        ties -= buffer[i] < threshold
+    for i in range(count):
+        u = buffer[i]
+        if u < threshold:
+            kept[idx[i]] = True
+        elif u == threshold and ties > 0:
+            kept[idx[i]] = True
+            ties -= 1
+    return m
 
 
 @_jit
-def take_first_in_order(
-    keys: np.ndarray,
-    offsets: np.ndarray,
-    world: int,
-    need: np.ndarray,
-    empty_only: bool,
-    kept: np.ndarray,
-) -> int:
-    """Per rank, keep its ``need[r]`` unkept samples that come first by ``(keys[g], g)``.
+def iid_in_order(keys: np.ndarray, world: int, k: int, kept: np.ndarray) -> None:
+    """IID (docs/selection.md#iid): every rank keeps its ``k`` samples first by ``(key, index)``."""
+    n = keys.shape[0] // world
+    idx = np.arange(n, dtype=np.int64)
+    buffer = np.empty(n, dtype=np.float64)
+    for r in range(world):
+        _take_lowest(keys[r * n : (r + 1) * n], idx, n, k, buffer, kept[r * n : (r + 1) * n])
 
-    The seeded order of docs/selection.md: ascending random key, ties to the lower index. With
-    ``empty_only`` only samples with an empty list are candidates (the fill's first group). A
-    rank with fewer candidates keeps them all. ``need`` is lowered by what each rank got and
-    ``kept`` (bool, global) marked; returns the number of samples kept.
 
-    A selection, not a sort: the ``m``-th smallest key ``u*`` (:func:`_kth_smallest_key`, O(n)),
-    then one ascending scan keeps every key below ``u*`` and the lowest-index ties at ``u*``.
+@_jit
+def fill_in_order(keys: np.ndarray, offsets: np.ndarray, world: int, k: int, kept) -> int:
+    """The fill (docs/selection.md#the-fill): empty samples first, then the others.
+
+    A rank short of ``k`` takes, by ``(key, index)``, its unkept samples without concepts
+    first, then its other unkept samples. One scan per rank sorts its unkept samples into the
+    two groups (each in index order); ranks already full cost one count. Returns the number of
+    samples added.
     """
-    size = offsets.shape[0] - 1
-    n = size // world
+    n = (offsets.shape[0] - 1) // world
+    empty = np.empty(n, dtype=np.int64)
+    other = np.empty(n, dtype=np.int64)
     buffer = np.empty(n, dtype=np.float64)
     added = 0
     for r in range(world):
-        m = need[r]
-        if m <= 0:
-            continue
-        count = 0
+        need = k
         for g in range(r * n, (r + 1) * n):
-            if not kept[g] and (not empty_only or offsets[g] == offsets[g + 1]):
-                buffer[count] = keys[g]
-                count += 1
-        if count == 0:
+            need -= kept[g]
+        if need <= 0:
             continue
-        if count <= m:
-            threshold = np.inf
-            ties = 0
-        else:
-            threshold = _kth_smallest_key(buffer, count, m)
-            ties = m
-            for i in range(count):
-                ties -= buffer[i] < threshold
-        taken = 0
+        n_empty = 0
+        n_other = 0
         for g in range(r * n, (r + 1) * n):
-            if taken == m:
-                break
-            if kept[g] or (empty_only and offsets[g] != offsets[g + 1]):
+            if kept[g]:
                 continue
-            u = keys[g]
-            if u < threshold or (u == threshold and ties > 0):
-                ties -= u == threshold
-                kept[g] = True
-                taken += 1
-        need[r] -= taken
+            if offsets[g] == offsets[g + 1]:
+                empty[n_empty] = g
+                n_empty += 1
+            else:
+                other[n_other] = g
+                n_other += 1
+        taken = _take_lowest(keys, empty, n_empty, need, buffer, kept)
+        if taken < need:
+            taken += _take_lowest(keys, other, n_other, need - taken, buffer, kept)
         added += taken
     return added

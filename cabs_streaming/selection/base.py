@@ -131,11 +131,10 @@ def fill_quota(sb: Superbatch, kept: np.ndarray, k: int, seed: int, step: int) -
     (docs/selection.md#the-fill), as far as the rank's quota needs; the keys are drawn only when
     some rank's quota is open. Returns how many samples were added.
     """
-    need = k - np.count_nonzero(kept.reshape(sb.world, sb.per_rank), axis=1)
-    if not need.any():
+    if np.count_nonzero(kept) == k * sb.world:  # no policy keeps more than k on a rank
         return 0
     keys = step_keys(seed, step, sb.size)
-    return _kernels.fill_in_order(keys, sb.offsets, sb.world, need, kept)
+    return _kernels.fill_in_order(keys, sb.offsets, sb.world, k, kept)
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,7 @@ def iid_keep(sb: Superbatch, k: int, seed: int, step: int) -> np.ndarray:
     if k == sb.per_rank:
         mask[:] = True
         return mask
-    need = np.full(sb.world, k, dtype=np.int64)
-    keys = step_keys(seed, step, sb.size)
-    _kernels.take_first_in_order(keys, sb.offsets, sb.world, need, False, mask)
+    _kernels.iid_in_order(step_keys(seed, step, sb.size), sb.world, k, mask)
     return mask
 
 
