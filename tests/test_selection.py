@@ -196,6 +196,44 @@ def test_iid_on_a_thousand_ranks_is_one_selection_pass():
     np.testing.assert_array_equal(run("iid", lists, world, k, seed=4, step=11).kept, expected)
 
 
+def test_seeded_order_breaks_key_ties_by_the_lower_index():
+    # Keys from the generator practically never tie, so the kernels' tie rule is checked on
+    # keys with many ties: each rank's first m by (key, index), empty samples first in the fill.
+    from cabs_streaming.selection import _kernels
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        world, n = int(rng.integers(1, 4)), int(rng.integers(1, 12))
+        keys = rng.integers(0, 4, size=world * n) / 4.0
+        k = int(rng.integers(1, n + 1))
+        mask = np.zeros(world * n, dtype=np.bool_)
+        _kernels.iid_in_order(keys, world, k, mask)
+        for r in range(world):
+            order = sorted(range(r * n, (r + 1) * n), key=lambda g: (keys[g], g))
+            assert np.flatnonzero(mask[r * n : (r + 1) * n]).tolist() == sorted(
+                g - r * n for g in order[:k]
+            )
+        lengths = rng.integers(0, 2, size=world * n)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        kept = rng.random(world * n) < 0.3
+        for r in range(world):  # no rank may start over its quota
+            row = np.flatnonzero(kept[r * n : (r + 1) * n])
+            kept[r * n + row[k:]] = False
+        before = kept.copy()
+        added = _kernels.fill_in_order(keys, offsets, world, k, kept)
+        expected_added = 0
+        for r in range(world):
+            unkept = [g for g in range(r * n, (r + 1) * n) if not before[g]]
+            order = sorted(unkept, key=lambda g: (lengths[g] > 0, keys[g], g))
+            take = order[: k - int(before[r * n : (r + 1) * n].sum())]
+            expected_added += len(take)
+            expected = sorted(set(np.flatnonzero(before[r * n : (r + 1) * n]) + r * n) | set(take))
+            assert np.flatnonzero(kept[r * n : (r + 1) * n]).tolist() == [
+                g - r * n for g in expected
+            ]
+        assert added == expected_added
+
+
 def test_iid_with_filter_ratio_zero_keeps_everything():
     lists = [[j] for j in range(12)]
     assert kept("iid", lists, world=3, k=4, seed=1, step=4) == [[0, 1, 2, 3]] * 3
