@@ -98,12 +98,12 @@ SWEEP_KEEP_SHARE = 0.2
 
 
 def sweep_repeats(size: int) -> int:
-    """Timed calls per point: 15 where a call is short, 5 at the largest sizes (2 cores).
+    """Timed calls per point: 31 where a call is short, 7 at the largest sizes (2 cores).
 
-    Five at least, so that one call slowed by another process on the machine does not set the
-    median; the whole sweep still takes about a minute.
+    Seven at least, so that calls slowed by another process on the machine do not set the
+    median; the whole sweep still takes about a minute and a half.
     """
-    return max(5, min(15, 1_000_000 // size))
+    return max(7, min(31, 2_000_000 // size))
 
 
 def all_gather_bytes(offsets: np.ndarray, world: int) -> dict[str, int]:
