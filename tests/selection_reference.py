@@ -12,8 +12,10 @@ from collections import Counter
 import numpy as np
 
 
-def rng_for(seed: int, step: int, rank: int) -> np.random.Generator:
-    return np.random.default_rng([seed, step, rank])
+def seeded_order(seed: int, step: int, size: int, rank: int, n: int) -> list[int]:
+    """Rank ``rank``'s local indices by ascending (key, global index), keys of the whole step."""
+    keys = np.random.default_rng([seed, step]).random(size).tolist()
+    return sorted(range(n), key=lambda j: (keys[rank * n + j], rank * n + j))
 
 
 def targets(doc_freq: dict[int, int], b: int, cap: int) -> dict[int, int]:
@@ -77,15 +79,11 @@ def fill(
         need = k - len(local_kept)
         if need == 0:
             continue
-        rng = rng_for(seed, step, rank)
-        empty = [j for j in range(n) if rank * n + j not in kept and not lists[rank * n + j]]
-        others = [j for j in range(n) if rank * n + j not in kept and lists[rank * n + j]]
+        order = seeded_order(seed, step, len(lists), rank, n)
+        empty = [j for j in order if rank * n + j not in kept and not lists[rank * n + j]]
+        others = [j for j in order if rank * n + j not in kept and lists[rank * n + j]]
         for group in (empty, others):
-            if need == 0:
-                break
-            size = min(need, len(group))
-            drawn = rng.choice(np.array(group, dtype=np.int64), size, replace=False)
-            take = [int(j) for j in drawn]
+            take = group[:need]
             for j in take:
                 kept.add(rank * n + j)
             need -= len(take)
@@ -135,7 +133,4 @@ def frequency(lists: list[list[int]], world: int, k: int) -> list[list[int]]:
 
 
 def iid(n: int, world: int, k: int, seed: int, step: int) -> list[list[int]]:
-    return [
-        sorted(int(j) for j in rng_for(seed, step, rank).choice(n, size=k, replace=False))
-        for rank in range(world)
-    ]
+    return [sorted(seeded_order(seed, step, n * world, rank, n)[:k]) for rank in range(world)]

@@ -34,10 +34,15 @@ def kept(policy: str, lists, world: int, k: int, seed: int = 0, step: int = 0, *
     return run(policy, lists, world, k, seed, step, **options).kept.tolist()
 
 
-def seeded_pick(seed: int, step: int, rank: int, group: list[int], need: int = 1):
-    """What the fill takes from one group: a seeded choice without replacement."""
-    rng = np.random.default_rng([seed, step, rank])
-    return rng.choice(np.array(group), size=need, replace=False).tolist()
+def step_keys(seed: int, step: int, size: int) -> list[float]:
+    """The step's random key of every global sample: ONE generator per (seed, step)."""
+    return np.random.default_rng([seed, step]).random(size).tolist()
+
+
+def seeded_pick(seed: int, step: int, rank: int, n: int, size: int, group: list[int], need=1):
+    """What the fill takes from one group of rank ``rank``: its lowest (key, index) first."""
+    keys = step_keys(seed, step, size)
+    return sorted(group, key=lambda j: (keys[rank * n + j], j))[:need]
 
 
 # --------------------------------------------------------------------------- CABS-DM, default
@@ -88,19 +93,17 @@ def test_dm_fills_with_empty_samples_first_in_seeded_order():
     lists = [[0], [0, 1], [], [1], []]
     seed, step = 11, 5
     result = run("diversity", lists, world=1, k=3, seed=seed, step=step, concept_cap=1)
-    expected = sorted([0, 3] + seeded_pick(seed, step, 0, [2, 4]))
+    expected = sorted([0, 3] + seeded_pick(seed, step, 0, 5, 5, [2, 4]))
     assert result.kept.tolist() == [expected]
     assert result.stats.filled == 1
 
 
 def test_dm_fill_falls_back_to_ineligible_samples_after_the_empty_ones():
-    # M = 1: s0 is kept, s1 and s2 are capped. Fill: empty [3] first, then one of [1, 2] drawn
-    # by the same generator after its draw from the empty group.
+    # M = 1: s0 is kept, s1 and s2 are capped. Fill: empty [3] first, then whichever of [1, 2]
+    # has the lower key of the step (the same keys; the empty group's draw takes none of them).
     lists = [[0], [0], [0], []]
     seed, step = 3, 9
-    rng = np.random.default_rng([seed, step, 0])
-    rng.choice(np.array([3]), size=1, replace=False)
-    second = rng.choice(np.array([1, 2]), size=1, replace=False).tolist()
+    second = seeded_pick(seed, step, 0, 4, 4, [1, 2])
     result = run("diversity", lists, world=1, k=3, seed=seed, step=step, concept_cap=1)
     assert result.kept.tolist() == [sorted([0, 3] + second)]
     assert result.stats.filled == 2
@@ -115,10 +118,11 @@ def test_dm_default_on_two_ranks_fills_a_rank_whose_candidates_are_capped():
     # gains: s0 = s3 = 1.333, s1 = s5 = 1.5, s2 = ((1 + 1/3) + 2) / 2 = 1.667, s4 = 2.
     # picks: s4 (n2 = 1), s2 (n0 = n3 = 1), s1 over s5 (tie -> lower index; n1 = 1, rank 0 full).
     # Rank 1 needs one more but s3 (concept 0) and s5 (concept 1) are at the cap: filled from
-    # its non-empty unkept samples [0, 2] with default_rng([seed, step, 1]).choice.
+    # its non-empty unkept samples [0, 2], the one with the lower key of default_rng([seed,
+    # step]).random(6) at global index 3 + j.
     seed, step = 7, 2
     result = run("diversity", TWO_RANKS, world=2, k=2, seed=seed, step=step)
-    fill = seeded_pick(seed, step, 1, [0, 2])
+    fill = seeded_pick(seed, step, 1, 3, 6, [0, 2])
     assert result.kept.tolist() == [[1, 2], sorted([1] + fill)]
 
 
@@ -155,7 +159,7 @@ def test_dm_compat_penalises_concepts_over_target_and_caps_instances():
         "diversity", lists, world=1, k=3, seed=seed, step=step, official_compat=True,
         concept_cap=2,
     )
-    assert result.kept.tolist() == [sorted([0, 2] + seeded_pick(seed, step, 0, [1, 3]))]
+    assert result.kept.tolist() == [sorted([0, 2] + seeded_pick(seed, step, 0, 4, 4, [1, 3]))]
     assert result.stats.filled == 1
 
 
@@ -170,13 +174,64 @@ def test_fm_keeps_most_instances_ties_to_lower_index():
     assert kept("frequency", lists, world=2, k=1) == [[1], [0]]
 
 
-def test_iid_draws_from_the_rank_generator():
+def test_iid_keeps_the_lowest_keys_of_one_generator_per_step():
+    # One generator per (seed, step) draws a key per global sample; each rank keeps its k
+    # lowest. Rank 1's samples are global 5..9: its keys are the stream's 6th to 10th draws,
+    # not the first draws of a generator of its own (what a per-rank generator would give).
     lists = [[j % 3] for j in range(10)]
+    keys = step_keys(3, 7, 10)
     expected = [
-        sorted(np.random.default_rng([3, 7, rank]).choice(5, size=2, replace=False).tolist())
-        for rank in range(2)
+        sorted(sorted(range(5), key=lambda j: keys[rank * 5 + j])[:2]) for rank in range(2)
     ]
     assert kept("iid", lists, world=2, k=2, seed=3, step=7) == expected
+
+
+def test_iid_on_a_thousand_ranks_is_one_selection_pass():
+    # 1,024 ranks x 160 samples, 32 kept each: the kept set is the 32 lowest keys of every row
+    # of the step's key matrix (checked with numpy's own argsort, ties impossible in practice).
+    world, n, k = 1024, 160, 32
+    lists = [[j % 5] for j in range(world * n)]
+    keys = np.random.default_rng([4, 11]).random(world * n).reshape(world, n)
+    expected = np.sort(np.argsort(keys, axis=1, kind="stable")[:, :k], axis=1)
+    np.testing.assert_array_equal(run("iid", lists, world, k, seed=4, step=11).kept, expected)
+
+
+def test_seeded_order_breaks_key_ties_by_the_lower_index():
+    # Keys from the generator practically never tie, so the kernels' tie rule is checked on
+    # keys with many ties: each rank's first m by (key, index), empty samples first in the fill.
+    from cabs_streaming.selection import _kernels
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        world, n = int(rng.integers(1, 4)), int(rng.integers(1, 12))
+        keys = rng.integers(0, 4, size=world * n) / 4.0
+        k = int(rng.integers(1, n + 1))
+        mask = np.zeros(world * n, dtype=np.bool_)
+        _kernels.iid_in_order(keys, world, k, mask)
+        for r in range(world):
+            order = sorted(range(r * n, (r + 1) * n), key=lambda g: (keys[g], g))
+            assert np.flatnonzero(mask[r * n : (r + 1) * n]).tolist() == sorted(
+                g - r * n for g in order[:k]
+            )
+        lengths = rng.integers(0, 2, size=world * n)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        kept = rng.random(world * n) < 0.3
+        for r in range(world):  # no rank may start over its quota
+            row = np.flatnonzero(kept[r * n : (r + 1) * n])
+            kept[r * n + row[k:]] = False
+        before = kept.copy()
+        added = _kernels.fill_in_order(keys, offsets, world, k, kept)
+        expected_added = 0
+        for r in range(world):
+            unkept = [g for g in range(r * n, (r + 1) * n) if not before[g]]
+            order = sorted(unkept, key=lambda g: (lengths[g] > 0, keys[g], g))
+            take = order[: k - int(before[r * n : (r + 1) * n].sum())]
+            expected_added += len(take)
+            expected = sorted(set(np.flatnonzero(before[r * n : (r + 1) * n]) + r * n) | set(take))
+            assert np.flatnonzero(kept[r * n : (r + 1) * n]).tolist() == [
+                g - r * n for g in expected
+            ]
+        assert added == expected_added
 
 
 def test_iid_with_filter_ratio_zero_keeps_everything():

@@ -11,7 +11,7 @@ from cabs_streaming.selection.base import (
     SelectionResult,
     SelectionStats,
     Superbatch,
-    rank_rng,
+    step_keys,
 )
 from cabs_streaming.selection.diversity import Diversity, default_concept_cap, diversity_keep
 from cabs_streaming.selection.frequency import Frequency, frequency_keep
@@ -42,8 +42,8 @@ __all__ = [
     "get_policy",
     "iid_keep",
     "invariant_stand_ins",
-    "rank_rng",
     "select",
     "select_invariant",
     "stand_ins",
+    "step_keys",
 ]

@@ -23,9 +23,14 @@ from cabs_streaming.selection import _kernels
 MAX_CONCEPT_ID = 1 << 27
 
 
-def rank_rng(seed: int, step: int, rank: int) -> np.random.Generator:
-    """The only source of randomness in selection: ``default_rng([seed, step, rank])``."""
-    return np.random.default_rng([seed, step, rank])
+def step_keys(seed: int, step: int, size: int) -> np.ndarray:
+    """The only source of randomness in selection: one key per global sample, float64 ``[N]``.
+
+    ``default_rng([seed, step]).random(size)``: one generator per step, not one per rank, since
+    building a generator costs 10-20 us, i.e. 15-20 ms a step on 1,024 ranks, while these keys
+    cost about 1 ms for 163,840 samples. A rank orders its samples by ``(key, index)``.
+    """
+    return np.random.default_rng([seed, step]).random(size)
 
 
 @dataclass(frozen=True)
@@ -122,32 +127,14 @@ class Superbatch:
 def fill_quota(sb: Superbatch, kept: np.ndarray, k: int, seed: int, step: int) -> int:
     """Complete every rank's quota in place: unkept empty samples first, then the rest.
 
-    Rank ``r`` draws with ``rank_rng(seed, step, r)``: first
-    ``choice(empty_group, min(need, len), replace=False)``, then, only if still needed, the same
-    from the other unkept samples; each group lists local indices in ascending order. A choice
-    without replacement is a uniformly random ordered subset, i.e. the head of a seeded random
-    order, drawn in time proportional to what is taken. Returns how many samples were added.
+    Each group is taken in the seeded order of the step, ascending ``(step_keys[g], g)``
+    (docs/selection.md#the-fill), as far as the rank's quota needs; the keys are drawn only when
+    some rank's quota is open. Returns how many samples were added.
     """
-    n = sb.per_rank
-    open_quota = k - np.count_nonzero(kept.reshape(sb.world, n), axis=1)
-    if not open_quota.any():
+    if np.count_nonzero(kept) == k * sb.world:  # no policy keeps more than k on a rank
         return 0
-    empty = sb.offsets[1:] == sb.offsets[:-1]
-    added = 0
-    for rank in np.flatnonzero(open_quota):
-        need = int(open_quota[rank])
-        row = kept[rank * n : (rank + 1) * n]
-        row_empty = empty[rank * n : (rank + 1) * n]
-        rng = rank_rng(seed, step, int(rank))
-        for group_is_empty in (True, False):
-            group = np.flatnonzero(~row & (row_empty == group_is_empty))
-            take = rng.choice(group, size=min(need, group.shape[0]), replace=False)
-            row[take] = True
-            need -= take.shape[0]
-            added += take.shape[0]
-            if need == 0:
-                break
-    return added
+    keys = step_keys(seed, step, sb.size)
+    return _kernels.fill_in_order(keys, sb.offsets, sb.world, k, kept)
 
 
 @dataclass(frozen=True)

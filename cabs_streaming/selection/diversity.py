@@ -48,8 +48,8 @@ def diversity_keep(
     or over target and a per-rank cap ``M_rank`` (10 unless ``concept_cap`` is given); targets use
     ``b = k`` and ``M_rank`` with ``K`` and ``F_c`` of the global superbatch.
 
-    Both forms then fill an open quota from the rank's unkept samples, empty ones first, drawn
-    with ``default_rng([seed, step, rank])`` (:func:`fill_quota`). This is where we
+    Both forms then fill an open quota from the rank's unkept samples, empty ones first, in the
+    step's seeded order (:func:`fill_quota`). This is where we
     deviate from the reference in compat mode: it fills by unseeded random choice among eligible
     samples and may return a short batch; ours is deterministic and always full.
     """
@@ -64,12 +64,9 @@ def diversity_keep(
     else:
         cap = concept_cap if concept_cap is not None else REFERENCE_RANK_CAP
         table, present = _kernels.concept_table(doc_freq, k, cap)
-        for rank in range(sb.world):
-            table[:, _kernels.COUNT] = 0.0  # every rank counts alone
-            _kernels.lazy_greedy(
-                sb.offsets, sb.ids, rank * n, (rank + 1) * n, n, quota, table, cap,
-                REFERENCE_OVER_TARGET, kept,
-            )
+        _kernels.per_rank_greedy(
+            sb.offsets, sb.ids, sb.world, quota, table, cap, REFERENCE_OVER_TARGET, kept
+        )
     filled = fill_quota(sb, kept, k, seed, step)
     return Kept(kept, filled=filled, superbatch_distinct=int(present))
 

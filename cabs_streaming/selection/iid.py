@@ -6,21 +6,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cabs_streaming.selection.base import Kept, SelectionPolicy, Superbatch, rank_rng
+from cabs_streaming.selection import _kernels
+from cabs_streaming.selection.base import Kept, SelectionPolicy, Superbatch, step_keys
 
 
 def iid_keep(sb: Superbatch, k: int, seed: int, step: int) -> np.ndarray:
     """Keep ``k`` samples per rank, uniformly without replacement.
 
-    Rank ``r`` draws ``rank_rng(seed, step, r).choice(n, k, replace=False)``, so the answer
-    changes with the step and is identical on every rank and on resume. With ``k == n``
-    (filter ratio 0) every sample is kept.
+    Rank ``r`` keeps its ``k`` samples with the smallest ``(step_keys(seed, step, N)[g], g)``
+    (docs/selection.md#iid), so the answer changes with the step and is identical on every rank
+    and on resume. With ``k == n`` (filter ratio 0) every sample is kept.
     """
-    n = sb.per_rank
     mask = np.zeros(sb.size, dtype=np.bool_)
-    for rank in range(sb.world):
-        chosen = rank_rng(seed, step, rank).choice(n, size=k, replace=False)
-        mask[rank * n + chosen] = True
+    if k == sb.per_rank:
+        mask[:] = True
+        return mask
+    _kernels.iid_in_order(step_keys(seed, step, sb.size), sb.world, k, mask)
     return mask
 
 

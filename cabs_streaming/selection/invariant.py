@@ -12,8 +12,8 @@ and ``num_canonical_nodes``); this module keeps that invariance through selectio
    input whatever the world size and whichever rank loaded what;
 2. :func:`select_invariant` runs the policy once over that canonical superbatch as a single
    rank with the global quota ``world * k``: ties go to the lower sample index and the
-   randomness is ``default_rng([seed, step, 0])`` over the canonical order, which is a function
-   of the samples, the seed and the step only;
+   randomness is the step's keys ``default_rng([seed, step]).random(N)`` over the canonical
+   order, which is a function of the samples, the seed and the step only;
 3. :func:`assign_to_ranks` then gives every rank exactly ``k`` of the kept samples, moving as
    few as possible between ranks (only a rank's surplus over ``k``, the least possible).
 
