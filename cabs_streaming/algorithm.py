@@ -367,15 +367,14 @@ def _pack(batch: Mapping[str, Any], local: Sequence[int]) -> torch.Tensor:
 
 
 def _unpack(
-    raw: memoryview, meta: np.ndarray, text: torch.Tensor | None
+    raw: memoryview, meta: np.ndarray, text: torch.Tensor | None, token_bytes: int
 ) -> tuple[list[str], list[str], list[memoryview], list[torch.Tensor]]:
     """Split received payloads (sizes from the senders' ``meta`` rows) as :func:`_pack` built them.
 
     ``text`` is this rank's token tensor when the loader tokenized (its row shape and dtype are
-    every rank's), else None.
+    every rank's), else None; ``token_bytes`` is :func:`_token_bytes` of the batch.
     """
     keys, captions, images, tokens = [], [], [], []
-    token_bytes = 0 if text is None else int(text.shape[1]) * text.element_size()
     cursor = 0
     for lengths in meta:
         parts = []
@@ -439,7 +438,7 @@ def exchange_kept(
     )
     order = [p for positions in receives for p in positions]
     keys, captions, images, tokens = _unpack(
-        memoryview(received.cpu().numpy()), record.meta[order], batch.get("text")
+        memoryview(received.cpu().numpy()), record.meta[order], batch.get("text"), token_bytes
     )
     where = {position: n + i for i, position in enumerate(order)}
     joined = dict(batch)
@@ -513,14 +512,10 @@ def decode_kept(
     """
     index = kept.tolist()
     out = decoder.output_buffer(len(index))
-    images = [batch["image_bytes"][i] for i in index]
-    names = [batch["keys"][i] for i in index]
-    if crop_keys is None:
-        decoded = decoder.decode_pixels(
-            images, names, step=step, rank=rank, errors="return", out=out,
-        )  # fmt: skip
-    else:
-        decoded = _decode_keyed(decoder, images, names, step, [int(c) for c in crop_keys], out)
+    decoded = decoder.decode_pixels(
+        [batch["image_bytes"][i] for i in index], [batch["keys"][i] for i in index],
+        step=step, rank=rank, errors="return", out=out, crop_keys=crop_keys,
+    )  # fmt: skip
     failed = [slot for slot, d in enumerate(decoded) if isinstance(d, ImageDecodeError)]
     replaced: list[Replacement] = []
     if failed:
@@ -541,40 +536,6 @@ def decode_kept(
     if "sample_indices" in batch:
         indices = torch.as_tensor(batch["sample_indices"])[index].tolist()
     return KeptBatch({"images": out, "text": text, "keys": keys}, decoded, replaced, indices)
-
-
-#: Thread pools of :func:`_decode_keyed`, by size (one per decoder thread count in use).
-_KEYED_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _decode_keyed(
-    decoder: ImageDecoder,
-    images: Sequence[Any],
-    keys: Sequence[str],
-    step: int,
-    crop_keys: Sequence[int],
-    out: torch.Tensor | None,
-) -> list[Any]:
-    """``decode_pixels`` with image ``i``'s crop seeded by ``(seed, step, crop_keys[i], 0)``.
-
-    ``ImageDecoder`` seeds a crop by the call's ``rank`` and the image's position in the call,
-    so each image is its own call (with ``rank=crop_keys[i]``), run on ``decoder.num_threads``
-    threads as ``decode_pixels`` would run them.
-    """
-
-    def one(slot: int) -> Any:
-        row = None if out is None else out[slot : slot + 1]
-        return decoder.decode_pixels(
-            [images[slot]], [keys[slot]], step=step, rank=crop_keys[slot], errors="return",
-            out=row,
-        )[0]  # fmt: skip
-
-    threads = decoder.num_threads
-    if threads <= 1 or len(images) <= 1:
-        return [one(slot) for slot in range(len(images))]
-    if threads not in _KEYED_POOLS:
-        _KEYED_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="cabs-keyed")
-    return list(_KEYED_POOLS[threads].map(one, range(len(images))))
 
 
 def replace_undecodable(

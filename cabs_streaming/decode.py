@@ -516,8 +516,13 @@ class ImageDecoder:
         rank: int = 0,
         errors: str = "raise",
         out: torch.Tensor | None = None,
+        crop_keys: Sequence[int] | None = None,
     ) -> list[Any]:
         """Decode ``images`` in the thread pool, in order, into ``DecodedImage`` s.
+
+        Image ``i``'s train crop is seeded by ``(seed, step, rank, i)``, or, with ``crop_keys``,
+        by ``(seed, step, crop_keys[i], 0)``: keyed by the sample (world-invariant selection
+        passes global sample indices), so it does not depend on the rank or slot it lands in.
 
         ``errors="raise"``: the first bad image raises ``ImageDecodeError`` naming its key.
         ``errors="return"``: a bad image's slot holds its ``ImageDecodeError`` instead, so the
@@ -536,15 +541,22 @@ class ImageDecoder:
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         if out is not None and out.shape[0] != len(images):
             raise ValueError(f"out has {out.shape[0]} rows for {len(images)} images")
+        if crop_keys is not None and len(crop_keys) != len(images):
+            raise ValueError(f"got {len(crop_keys)} crop keys for {len(images)} images")
         call = self.decode_one if errors == "raise" else self.decode_or_error
+        seeds = (
+            [(rank, i) for i in range(len(images))]
+            if crop_keys is None
+            else [(int(c), 0) for c in crop_keys]
+        )
         tasks = [
-            (call, b, k, i, None if out is None else out[i])
-            for i, (b, k) in enumerate(zip(images, keys, strict=True))
+            (call, images[i], keys[i], *seeds[i], None if out is None else out[i])
+            for i in range(len(images))
         ]
         if len(images) <= 1 or self.num_threads == 1:
-            return [self._run(*task, step=step, rank=rank) for task in tasks]
+            return [self._run(*task, step=step) for task in tasks]
         pool = self._executor()
-        futures = [pool.submit(self._run, *task, step=step, rank=rank) for task in tasks]
+        futures = [pool.submit(self._run, *task, step=step) for task in tasks]
         return [f.result() for f in futures]
 
     def _run(
@@ -552,11 +564,11 @@ class ImageDecoder:
         call: Any,
         data: bytes,
         key: str,
+        rank: int,
         index: int,
         row: torch.Tensor | None,
         *,
         step: int,
-        rank: int,
     ) -> Any:
         result = call(data, key, step=step, rank=rank, index=index)
         if row is not None and isinstance(result, DecodedImage):
