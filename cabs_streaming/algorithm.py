@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import Algorithm, Event, State, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
@@ -146,6 +146,36 @@ def gather_concepts(
     return global_offsets, global_ids
 
 
+def gather_columns(
+    batch: Mapping[str, Any], names: Sequence[str], device: torch.device | str = "cpu"
+) -> dict[str, np.ndarray]:
+    """All-gather the numeric per-sample columns ``names`` into global rank-major float64 arrays.
+
+    What ``selection.filters`` read; ``batch["columns"]`` comes from ``ConceptCollator`` when the
+    dataset was asked to carry them (``ConceptStreamingDataset(columns=...)``). One
+    ``all_gather`` of a ``float64 [n, len(names)]`` tensor; nothing when no column is needed.
+    """
+    if not names:
+        return {}
+    carried = batch.get("columns") or {}
+    missing = [name for name in names if name not in carried]
+    if missing:
+        raise ValueError(
+            f"the selection needs the per-sample column(s) {missing}, which the superbatch does "
+            f"not carry (it has {sorted(carried) or 'none'}): build the dataset with "
+            f"ConceptStreamingDataset(columns={list(names)!r}) (the trainer does for "
+            "selection.filters)"
+        )
+    n = len(batch["keys"])
+    table = np.empty((n, len(names)), dtype=np.float64)
+    for j, name in enumerate(names):
+        table[:, j] = torch.as_tensor(carried[name]).detach().cpu().numpy()
+    if dist.get_world_size() > 1:
+        mine = torch.from_numpy(table).to(device)
+        table = np.concatenate([t.cpu().numpy() for t in dist.all_gather(mine)])
+    return {name: np.ascontiguousarray(table[:, j]) for j, name in enumerate(names)}
+
+
 #: Columns of the per-sample metadata world-invariant selection all-gathers.
 META_INDEX, META_IMAGE, META_CAPTION, META_KEY = range(4)
 
@@ -236,6 +266,8 @@ class SelectionRecord:
     meta: np.ndarray | None = None
     moved: int = 0
     moved_bytes: int = 0
+    columns: Mapping[str, np.ndarray] | None = None
+    """The gathered numeric columns the policy's filters read (rank-major)."""
 
     @property
     def world_invariant(self) -> bool:
@@ -266,11 +298,11 @@ class SelectionRecord:
         if self.world_invariant:
             return invariant_stand_ins(
                 self.policy, self.offsets, self.ids, self.sample_indices, world, self.kept, rank,
-                self.seed, self.step, self.num_concepts,
+                self.seed, self.step, self.num_concepts, self.columns,
             )
         return stand_ins(
             self.policy, self.offsets, self.ids, world, self.kept, rank, self.seed, self.step,
-            self.num_concepts,
+            self.num_concepts, self.columns,
         )
 
 
@@ -299,16 +331,17 @@ def select_superbatch(
     world = dist.get_world_size()
     meta = gather_sample_meta(sample_meta(batch), device) if world_invariant else None
     offsets, ids = gather_concepts(batch["concept_offsets"], batch["concept_ids"], device)
+    columns = gather_columns(batch, policy.required_columns(), device)
     if meta is None:
         result = select(
             policy, offsets, ids, world=world, k=k, seed=seed, step=step,
-            num_concepts=num_concepts,
+            num_concepts=num_concepts, columns=columns,
         )
         kept, moved, moved_bytes = result.kept, 0, 0
     else:
         chosen = select_invariant(
             policy, offsets, ids, meta[:, META_INDEX], world=world, k=k, seed=seed, step=step,
-            num_concepts=num_concepts,
+            num_concepts=num_concepts, columns=columns,
         )
         result, kept, moved = chosen.result, chosen.sources, chosen.moved
         changes = kept // n != np.arange(world)[:, None]
@@ -316,7 +349,8 @@ def select_superbatch(
     if verify:
         verify_consensus(kept, step, device)
     return SelectionRecord(
-        step, offsets, ids, kept, n, result, policy, seed, num_concepts, meta, moved, moved_bytes
+        step, offsets, ids, kept, n, result, policy, seed, num_concepts, meta, moved, moved_bytes,
+        columns or None,
     )
 
 
@@ -829,6 +863,24 @@ def append_selection_log(
         f.write(json.dumps(record) + "\n")
 
 
+def run_length(state: State) -> tuple[int | None, int | None]:
+    """``(steps per epoch, steps in the run)`` for schedules' ``ep`` and ``dur`` times.
+
+    ``None`` where Composer does not know it (an unsized loader; a duration in samples or
+    tokens); a schedule that needs it then says so.
+    """
+    per_epoch = state.dataloader_len
+    batches_per_epoch = int(per_epoch) if per_epoch is not None else None
+    duration = state.max_duration
+    total = None
+    if duration is not None:
+        if duration.unit == TimeUnit.BATCH:
+            total = int(duration.value)
+        elif duration.unit == TimeUnit.EPOCH and batches_per_epoch is not None:
+            total = int(duration.value) * batches_per_epoch
+    return batches_per_epoch, total
+
+
 def collective_device(state: State) -> torch.device:
     """Where collective tensors must live: the GPU under NCCL, the CPU otherwise."""
     backend = state.device.dist_backend if state.device is not None else "gloo"
@@ -984,8 +1036,8 @@ class ConceptAwareBatchSampling(Algorithm):
             )
 
     def match(self, event: Event, state: State) -> bool:
-        """Run right after each training batch is drawn (and counted), and at the end of fit."""
-        return event in (Event.AFTER_DATALOADER, Event.FIT_END)
+        """Run at fit start (schedule times), after each batch is drawn and counted, at fit end."""
+        return event in (Event.FIT_START, Event.AFTER_DATALOADER, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         """Replace ``state.batch`` with the kept batch of :func:`cabs_step`, and log it.
@@ -994,6 +1046,9 @@ class ConceptAwareBatchSampling(Algorithm):
         """
         if event == Event.FIT_END:
             self._ahead.drop()
+            return
+        if event == Event.FIT_START:
+            self.policy = self.policy.resolve(*run_length(state))
             return
         loader = getattr(state, "dataloader", None)
         step = int(state.timestamp.batch)

@@ -35,6 +35,7 @@ __all__ = [
     "format_run_path",
     "load_config",
     "parse_config",
+    "build_policy",
     "policy_options",
 ]
 
@@ -122,6 +123,13 @@ class SelectionConfig:
     """Policy options (``concept_cap``, ``official_compat``). Each option goes to the policies
     that have it and is ignored, with a warning, by the others, so ``selection.policy=iid`` works
     on a recipe written for ``diversity``; an option no policy has is an error."""
+    schedule: list[dict[str, Any]] | None = None
+    """Policies by training time instead of ``policy``: a list of phases ``{until, policy,
+    options, ramp}`` (docs/selection.md#schedules). Each phase's options start from
+    ``selection.options`` (those its policy declares) and add its own."""
+    filters: list[dict[str, Any]] | None = None
+    """Tests on numeric per-sample columns, ``{column, min, max, top}`` each, applied to the
+    superbatch before the policy (docs/selection.md#filters)."""
     verify_consensus: bool = True
     world_invariant: bool = False
     """Select each global batch from the global superbatch in sample-index order with one quota
@@ -363,10 +371,7 @@ def policy_options(selection: SelectionConfig) -> tuple[dict[str, Any], dict[str
             f"selection.policy={selection.policy!r} is not a policy"
             f"{_suggest(selection.policy, list(POLICIES))} (policies: {', '.join(POLICIES)})"
         )
-    declared = {
-        name: [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-        for name, cls in POLICIES.items()
-    }
+    declared = {name: cls.option_names() for name, cls in POLICIES.items()}
     every_option = sorted({option for names in declared.values() for option in names})
     mine: dict[str, Any] = {}
     others: dict[str, list[str]] = {}
@@ -387,6 +392,43 @@ def policy_options(selection: SelectionConfig) -> tuple[dict[str, Any], dict[str
     except (TypeError, ValueError) as err:
         raise ConfigError(f"selection.options for policy {selection.policy!r}: {err}") from None
     return mine, others
+
+
+def build_policy(selection: SelectionConfig) -> Any:
+    """The run's ``SelectionPolicy``: the policy, or the schedule, wrapped in the filters.
+
+    Not yet bound to the dataset's facts (``policy.bind``) nor resolved to the run's length
+    (``policy.resolve``); errors are ``ConfigError`` naming the key.
+    """
+    from cabs_streaming.selection import POLICIES, Filter, Filtered, Schedule, get_policy
+
+    mine, _ = policy_options(selection)
+    shared = dict(selection.options or {})
+    try:
+        if selection.schedule:
+
+            def build(name: str, options: Mapping[str, Any]) -> Any:
+                if name not in POLICIES:
+                    raise ValueError(
+                        f"policy {name!r} is not a policy{_suggest(name, list(POLICIES))} "
+                        f"(policies: {', '.join(POLICIES)})"
+                    )
+                declared = POLICIES[name].option_names()
+                inherited = {key: value for key, value in shared.items() if key in declared}
+                return get_policy(name, {**inherited, **dict(options)})
+
+            policy = Schedule.from_config(selection.schedule, build)
+        else:
+            policy = get_policy(selection.policy, mine)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"selection.schedule: {err}") from None
+    if selection.filters:
+        try:
+            filters = tuple(Filter.from_config(entry) for entry in selection.filters)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"selection.filters: {err}") from None
+        policy = Filtered(policy, filters)
+    return policy
 
 
 def format_run_path(path: str | None, run_name: str, run_folder: str | None) -> str | None:
@@ -478,7 +520,7 @@ def parse_config(data: Mapping[str, Any]) -> RunConfig:
     _check_choices(config)
     for where, value in _time_values(config).items():
         check_time(value, where, TIME_KEYS[where])
-    policy_options(config.selection)
+    build_policy(config.selection)
     if config.autoresume and (not config.run_name or not config.save_folder):
         raise ConfigError("autoresume needs run_name and save_folder")
     if config.run_folder is not None and "{run_folder}" in config.run_folder:

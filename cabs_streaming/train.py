@@ -26,8 +26,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cabs_streaming.config import ConfigError, RunConfig, load_config, policy_options
+from cabs_streaming.config import (
+    ConfigError,
+    RunConfig,
+    build_policy,
+    load_config,
+    policy_options,
+)
 from cabs_streaming.runs import Checkpoint, RunPaths
+from cabs_streaming.selection import DatasetFacts
 from cabs_streaming.selection.sizes import superbatch_per_rank
 
 if TYPE_CHECKING:
@@ -224,6 +231,16 @@ class _Start:
     """A folder holding a downloaded checkpoint, to delete once every rank has loaded it."""
 
 
+def dataset_facts(dataset: Any) -> DatasetFacts:
+    """What policies may need to know of the whole training set: counts and names."""
+    counts = getattr(dataset, "concept_counts", None)
+    return DatasetFacts(
+        concept_samples=None if counts is None else counts.samples,
+        names=tuple(dataset.vocabulary.names),
+        source="the training data (train_data)",
+    )
+
+
 def _start_point(cfg: RunConfig, paths: RunPaths, command: list[str] | None) -> _Start:
     """Settle the checkpoint to load (on rank 0, for all ranks) and check it before unpickling."""
     from composer.utils import dist
@@ -375,11 +392,12 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
         n = superbatch_per_rank(cfg.global_train_batch_size, world, cfg.filter_ratio)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    options, ignored = policy_options(cfg.selection)
+    _, ignored = policy_options(cfg.selection)
+    policy = build_policy(cfg.selection)
 
     start = _start_point(cfg, paths, command)
 
-    if dist.get_global_rank() == 0:
+    if dist.get_global_rank() == 0 and not cfg.selection.schedule:
         for option, owners in ignored.items():
             log.warning(
                 "selection.options.%s belongs to policy %s and is ignored by %r",
@@ -392,9 +410,16 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
     except (TypeError, ValueError) as err:  # an unknown architecture or option
         raise ConfigError(f"model: {err}") from err
     try:
-        dataset = ConceptStreamingDataset(**_dataset_kwargs(cfg, n))
+        kwargs = _dataset_kwargs(cfg, n)
+        if policy.required_columns():
+            kwargs["columns"] = list(policy.required_columns())
+        dataset = ConceptStreamingDataset(**kwargs)
     except (FileNotFoundError, RuntimeError, TypeError, ValueError) as err:  # no data, bad option
         raise ConfigError(f"train_data: {err}") from err
+    try:
+        policy = policy.bind(dataset_facts(dataset))
+    except ValueError as err:  # e.g. balanced on data converted without concept counts
+        raise ConfigError(f"selection: {err}") from err
     loader = LookaheadDataLoader(
         dataset,
         batch_size=n,
@@ -415,8 +440,7 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
     cabs = ConceptAwareBatchSampling(
         decoder=decoder,
         filter_ratio=cfg.filter_ratio,
-        policy=cfg.selection.policy,
-        policy_options=options,
+        policy=policy,
         seed=cfg.seed,
         tokenizer=model.tokenizer,
         verify_consensus=cfg.selection.verify_consensus,

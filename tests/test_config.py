@@ -91,9 +91,10 @@ def test_a_recipe_path_that_is_a_folder_names_recipes_in_it() -> None:
 def test_switching_policy_keeps_the_options_of_each_policy_to_itself() -> None:
     # The quickstart sets CABS-DM's concept_cap; the README's override switches to CABS-FM.
     cfg = load_config(QUICKSTART, ["selection.policy=frequency"])
-    assert policy_options(cfg.selection) == ({}, {"concept_cap": ["diversity"]})
+    owners = {"concept_cap": ["diversity", "mixed"]}
+    assert policy_options(cfg.selection) == ({}, owners)
     cfg = load_config(QUICKSTART, ["selection.policy=iid"])
-    assert policy_options(cfg.selection) == ({}, {"concept_cap": ["diversity"]})
+    assert policy_options(cfg.selection) == ({}, owners)
     cfg = load_config(QUICKSTART)
     cap = cfg.selection.options["concept_cap"]  # the recipe's own value, whatever it is tuned to
     assert policy_options(cfg.selection) == ({"concept_cap": cap}, {})

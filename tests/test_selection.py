@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from cabs_streaming.concepts import ragged_from_lists
 from cabs_streaming.selection import (
     POLICIES,
+    DatasetFacts,
     Diversity,
     default_concept_cap,
     get_policy,
@@ -25,9 +26,29 @@ from cabs_streaming.selection import (
 from cabs_streaming.selection.sizes import keep_per_rank, superbatch_per_rank, superbatch_size
 
 
+def dataset_counts(lists) -> np.ndarray:
+    """Stand-in dataset-wide counts ``N_c`` for the policies that need them (``balanced``).
+
+    A concept's superbatch document frequency times a factor between 1 and 7 (by id).
+    """
+    top = max((c for items in lists for c in items), default=-1) + 1
+    counts = np.zeros(top, dtype=np.int64)
+    for items in lists:
+        for c in set(items):
+            counts[c] += 1
+    return counts * (1 + np.arange(top) % 7)
+
+
+def build(policy: str, lists, **options):
+    """The named policy, bound to :func:`dataset_counts` of ``lists``."""
+    facts = DatasetFacts(concept_samples=dataset_counts(lists))
+    return get_policy(policy, options).bind(facts)
+
+
 def run(policy: str, lists, world: int, k: int, seed: int = 0, step: int = 0, **options):
     offsets, ids = ragged_from_lists(lists)
-    return select(policy, offsets, ids, world=world, k=k, seed=seed, step=step, **options)
+    built = build(policy, lists, **options)
+    return select(built, offsets, ids, world=world, k=k, seed=seed, step=step)
 
 
 def kept(policy: str, lists, world: int, k: int, seed: int = 0, step: int = 0, **options):
@@ -220,7 +241,7 @@ def test_seeded_order_breaks_key_ties_by_the_lower_index():
             row = np.flatnonzero(kept[r * n : (r + 1) * n])
             kept[r * n + row[k:]] = False
         before = kept.copy()
-        added = _kernels.fill_in_order(keys, offsets, world, k, kept)
+        added = _kernels.fill_in_order(keys, offsets, world, k, kept, _kernels.NO_FILTER)
         expected_added = 0
         for r in range(world):
             unkept = [g for g in range(r * n, (r + 1) * n) if not before[g]]
@@ -263,12 +284,14 @@ def test_statistics_describe_the_kept_global_batch():
 
 
 def test_unknown_policy_lists_the_registered_ones():
-    with pytest.raises(ValueError, match="registered policies: \\['diversity', 'frequency'"):
+    registered = "registered policies: \\['balanced', 'diversity', 'frequency', 'iid', 'mixed'"
+    with pytest.raises(ValueError, match=registered):
         get_policy("diversty")
 
 
 def test_unknown_option_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid options: \\['concept_cap', 'official_compat'\\]"):
+    valid = "valid options: \\['concept_cap', 'official_compat', 'alpha', 'weights'\\]"
+    with pytest.raises(ValueError, match=valid):
         run("diversity", [[0]], world=1, k=1, concpet_cap=3)
 
 
@@ -450,8 +473,8 @@ def test_large_superbatch_agrees_with_the_reference():
 
 def stand_in_order(policy: str, lists, world: int, k: int, rank: int, seed=0, step=0, **options):
     offsets, ids = ragged_from_lists(lists)
-    result = select(policy, offsets, ids, world=world, k=k, seed=seed, step=step, **options)
-    built = get_policy(policy, options)
+    built = build(policy, lists, **options)
+    result = select(built, offsets, ids, world=world, k=k, seed=seed, step=step)
     return stand_ins(built, offsets, ids, world, result.kept, rank, seed, step).tolist()
 
 

@@ -5,7 +5,9 @@ No Composer, no torch.distributed: the Algorithm all-gathers the ids and calls :
 number of ranks).
 """
 
+from cabs_streaming.selection.balanced import Balanced, balanced_keep
 from cabs_streaming.selection.base import (
+    DatasetFacts,
     Kept,
     SelectionPolicy,
     SelectionResult,
@@ -13,7 +15,13 @@ from cabs_streaming.selection.base import (
     Superbatch,
     step_keys,
 )
-from cabs_streaming.selection.diversity import Diversity, default_concept_cap, diversity_keep
+from cabs_streaming.selection.diversity import (
+    Diversity,
+    Mixed,
+    default_concept_cap,
+    diversity_keep,
+)
+from cabs_streaming.selection.filters import Filter, Filtered, apply_filters
 from cabs_streaming.selection.frequency import Frequency, frequency_keep
 from cabs_streaming.selection.iid import IID, iid_keep
 from cabs_streaming.selection.invariant import (
@@ -23,9 +31,20 @@ from cabs_streaming.selection.invariant import (
     select_invariant,
 )
 from cabs_streaming.selection.registry import POLICIES, get_policy, select, stand_ins
+from cabs_streaming.selection.schedule import Phase, Ramp, Schedule
 
 __all__ = [
     "IID",
+    "Balanced",
+    "DatasetFacts",
+    "Filter",
+    "Filtered",
+    "Mixed",
+    "Phase",
+    "Ramp",
+    "Schedule",
+    "apply_filters",
+    "balanced_keep",
     "POLICIES",
     "Diversity",
     "Frequency",

@@ -28,6 +28,9 @@ _BUCKETS = 4096
 _MIN_BUCKETS = 16
 #: No gain exceeds 2: a term is at most ``(t - 0) / t + 1 / 1``.
 _MAX_GAIN = 2.0
+#: "No bonus" / "no filter" for the kernels' optional per-sample arrays (numba needs an array).
+_NO_BONUS = np.zeros(0, dtype=np.float64)
+NO_FILTER = np.zeros(0, dtype=np.bool_)
 
 
 @_jit
@@ -96,6 +99,63 @@ def concept_table(doc_freq: np.ndarray, b: int, cap: int):
             if scaled >= total:
                 table[c, _TARGET] = min(scaled // total, cap)
             elif scaled > 0:  # floor(t_c * b / sum) is 0: max(1, 0)
+                table[c, _TARGET] = 1.0
+    return table, present
+
+
+@_jit
+def weighted_concept_table(doc_freq: np.ndarray, weights: np.ndarray, b: int, cap: int):
+    """Targets from per-concept weights (docs/selection.md#target-distributions).
+
+    Present concepts share ``b`` in proportion to ``weights``: ``q_c = b * w_c / W`` (``W`` the
+    sum over present concepts; all-zero weights count as equal), ``t_c = floor(q_c)`` plus one
+    for the ``b - sum(floor)`` concepts with the largest remainders (ties to the lower id), then
+    the clamp to ``[1, M]`` and the rescale of :func:`concept_table`. Equal weights give exactly
+    :func:`concept_table`'s targets. Same ``(table, K)`` layout.
+    """
+    v = doc_freq.shape[0]
+    table = np.zeros((v, 4), dtype=np.float64)
+    present = 0
+    total_w = 0.0
+    for c in range(v):
+        if doc_freq[c] > 0:
+            present += 1
+            total_w += weights[c]
+    if present == 0:
+        return table, 0
+    uniform = not total_w > 0.0
+    members = np.empty(present, dtype=np.int64)
+    remainder = np.empty(present, dtype=np.float64)
+    j = 0
+    given = 0
+    for c in range(v):
+        if doc_freq[c] > 0:
+            q = b / present if uniform else b * weights[c] / total_w
+            whole = np.floor(q)
+            table[c, _TARGET] = whole
+            table[c, _INV_FREQ] = 1.0 / doc_freq[c]
+            given += np.int64(whole)
+            members[j] = c
+            remainder[j] = whole - q  # ascending order = largest remainder first
+            j += 1
+    left = b - given
+    if left > 0:
+        order = np.argsort(remainder, kind="mergesort")  # stable: ties keep the lower id first
+        for i in range(min(left, present)):
+            table[members[order[i]], _TARGET] += 1.0
+    total = 0
+    for i in range(present):
+        c = members[i]
+        t = min(max(table[c, _TARGET], 1.0), float(cap))
+        table[c, _TARGET] = t
+        total += np.int64(t)
+    if total > b:
+        for i in range(present):
+            c = members[i]
+            scaled = np.int64(table[c, _TARGET]) * b
+            if scaled >= total:
+                table[c, _TARGET] = min(scaled // total, cap)
+            else:
                 table[c, _TARGET] = 1.0
     return table, present
 
@@ -254,6 +314,7 @@ def _admit(
     heap: np.ndarray,
     size: int,
     any_full: bool,
+    bonus: np.ndarray,
 ) -> int:
     """Bring entry ``h`` of the opening bucket up to date; returns the heap size.
 
@@ -267,6 +328,8 @@ def _admit(
     if any_full and quota[g // n_per_rank] == 0:  # skip the division while no rank is full
         return size
     gain = _gain_from_terms(g, offsets, ids, table)
+    if bonus.shape[0]:
+        gain += bonus[g]
     if gain != gain:
         return size
     b = _bucket(gain, low, scale, buckets)
@@ -291,6 +354,8 @@ def lazy_greedy(
     cap: int,
     over_value: float,
     kept: np.ndarray,
+    bonus: np.ndarray,
+    allowed: np.ndarray,
 ) -> int:
     """Exact greedy over samples ``first..stop-1``, recording picks in ``kept`` (bool, global).
 
@@ -312,12 +377,25 @@ def lazy_greedy(
     No gain is below ``low = min(over_value, 0)`` (a term is positive or ``over_value``), so once
     the best stored gain is ``low`` every remaining eligible sample has gain exactly ``low`` (all
     its concepts over target) and the order is plain index order: the rest is a linear scan.
+
+    ``bonus`` (float64 ``[N]``, or empty for none) is a fixed, non-negative per-sample addition
+    to the gain (``mixed``'s FM term): it does not change as counts rise, so gains still only
+    fall, and a candidate at ``low`` still has a zero bonus, so the floor scan stays exact.
+    ``allowed`` (bool ``[N]``, or empty for all) keeps samples that failed the filters out.
     """
     local = stop - first
     fcap = float(cap)
     low = over_value if over_value < 0.0 else 0.0
     buckets = min(_BUCKETS, max(_MIN_BUCKETS, local))
-    scale = buckets / (_MAX_GAIN - low)
+    high = _MAX_GAIN
+    has_bonus = bonus.shape[0] > 0
+    if has_bonus:
+        largest = 0.0
+        for g in range(first, stop):
+            largest = max(largest, bonus[g])
+        high += largest
+    filtered = allowed.shape[0] > 0
+    scale = buckets / (high - low)
 
     # Initial gains, then a counting sort of the candidates into contiguous bucket segments.
     bucket_of = np.full(local, -1, dtype=np.int32)
@@ -326,6 +404,8 @@ def lazy_greedy(
         g = first + h
         start = offsets[g]
         end = offsets[g + 1]
+        if filtered and not allowed[g]:
+            continue
         if end > start:
             # Store every concept's term for the counts the table starts with (0 in both
             # forms) and sum them in list order: the same bits _gain computes.
@@ -340,6 +420,8 @@ def lazy_greedy(
                 table[c, _TERM] = term
                 total += term
             gain = total / (end - start)
+            if has_bonus:
+                gain += bonus[g]
             if gain != gain:  # a concept already at the cap: never eligible
                 continue
             b = _bucket(gain, low, scale, buckets)
@@ -377,7 +459,7 @@ def lazy_greedy(
             for m in range(segment[active], segment[active + 1]):
                 size = _admit(
                     members[m], first, offsets, ids, n_per_rank, quota, table, fcap, over_value,
-                    low, scale, buckets, active, link, head, heap, size, any_full,
+                    low, scale, buckets, active, link, head, heap, size, any_full, bonus,
                 )
             h = head[active]
             head[active] = -1
@@ -385,7 +467,7 @@ def lazy_greedy(
                 following = link[h]
                 size = _admit(
                     h, first, offsets, ids, n_per_rank, quota, table, fcap, over_value,
-                    low, scale, buckets, active, link, head, heap, size, any_full,
+                    low, scale, buckets, active, link, head, heap, size, any_full, bonus,
                 )
                 h = following
             for pos in range((size - 2) // 2, -1, -1):
@@ -400,6 +482,8 @@ def lazy_greedy(
         gain = np.nan
         if quota[rank] > 0:
             gain = _gain_from_terms(g, offsets, ids, table)
+            if has_bonus:
+                gain += bonus[g]
         if gain != gain:  # rank full or a concept at the cap: ineligible for good
             size = _pop(heap, size)
         elif gain >= top:  # unchanged since stored: the true maximum
@@ -452,6 +536,7 @@ def per_rank_greedy(
     cap: int,
     over_value: float,
     kept: np.ndarray,
+    allowed: np.ndarray,
 ) -> int:
     """``official_compat``: :func:`lazy_greedy` on every rank's samples alone, with its own counts.
 
@@ -465,7 +550,8 @@ def per_rank_greedy(
         for e in range(offsets[rank * n], offsets[(rank + 1) * n]):
             table[ids[e], COUNT] = 0.0
         picks += lazy_greedy(
-            offsets, ids, rank * n, (rank + 1) * n, n, quota, table, cap, over_value, kept
+            offsets, ids, rank * n, (rank + 1) * n, n, quota, table, cap, over_value, kept,
+            _NO_BONUS, allowed,
         )
     return picks
 
@@ -515,14 +601,17 @@ def count_present(ids: np.ndarray, num_concepts: int) -> int:
 
 
 @_jit
-def top_k_by_length(offsets: np.ndarray, world: int, k: int) -> np.ndarray:
+def top_k_by_length(offsets: np.ndarray, world: int, k: int, allowed: np.ndarray) -> np.ndarray:
     """Per rank, mark the ``k`` samples with the longest lists, ties to the lower index.
 
     A counting selection instead of a sort: find the length ``s*`` of the k-th best sample from a
-    histogram of lengths, keep everything longer and the first samples of length ``s*``.
+    histogram of lengths, keep everything longer and the first samples of length ``s*``. With
+    ``allowed`` non-empty (filters on) only passing samples count; a rank with fewer than ``k``
+    keeps them all (the fill completes it).
     """
     size = offsets.shape[0] - 1
     n = size // world
+    filtered = allowed.shape[0] > 0
     longest = 0
     for g in range(size):
         longest = max(longest, offsets[g + 1] - offsets[g])
@@ -530,15 +619,24 @@ def top_k_by_length(offsets: np.ndarray, world: int, k: int) -> np.ndarray:
     histogram = np.zeros(longest + 1, dtype=np.int64)
     for rank in range(world):
         histogram[:] = 0
+        passing = 0
         for g in range(rank * n, (rank + 1) * n):
+            if filtered and not allowed[g]:
+                continue
             histogram[offsets[g + 1] - offsets[g]] += 1
+            passing += 1
+        want = min(k, passing)
+        if want == 0:
+            continue
         threshold = longest
         above = 0  # samples strictly longer than threshold
-        while above + histogram[threshold] < k:
+        while above + histogram[threshold] < want:
             above += histogram[threshold]
             threshold -= 1
-        ties = k - above  # samples of length == threshold to keep, lowest index first
+        ties = want - above  # samples of length == threshold to keep, lowest index first
         for g in range(rank * n, (rank + 1) * n):
+            if filtered and not allowed[g]:
+                continue
             length = offsets[g + 1] - offsets[g]
             if length > threshold:
                 mask[g] = True
@@ -559,6 +657,7 @@ def reserve_scores(
     table: np.ndarray,
     cap: int,
     over_value: float,
+    bonus: np.ndarray,
 ) -> np.ndarray:
     """CABS-DM's preference for the unkept samples ``lo..hi`` once the kept batch is final.
 
@@ -581,6 +680,8 @@ def reserve_scores(
             out[g - lo] = low - 1.0
         else:
             gain = _gain(g, offsets, ids, table, float(cap), over_value)
+            if bonus.shape[0] and not np.isnan(gain):
+                gain += bonus[g]
             out[g - lo] = low - 2.0 if np.isnan(gain) else gain
     return out
 
@@ -650,17 +751,22 @@ def iid_in_order(keys: np.ndarray, world: int, k: int, kept: np.ndarray) -> None
 
 
 @_jit
-def fill_in_order(keys: np.ndarray, offsets: np.ndarray, world: int, k: int, kept) -> int:
+def fill_in_order(
+    keys: np.ndarray, offsets: np.ndarray, world: int, k: int, kept, allowed: np.ndarray
+) -> int:
     """The fill (docs/selection.md#the-fill): empty samples first, then the others.
 
     A rank short of ``k`` takes, by ``(key, index)``, its unkept samples without concepts
-    first, then its other unkept samples. One scan per rank sorts its unkept samples into the
-    two groups (each in index order); ranks already full cost one count. Returns the number of
+    first, then its other unkept samples, and only then (``allowed`` non-empty: filters are on)
+    its samples that failed the filters. One scan per rank sorts its unkept samples into the
+    groups (each in index order); ranks already full cost one count. Returns the number of
     samples added.
     """
     n = (offsets.shape[0] - 1) // world
+    filtered = allowed.shape[0] > 0
     empty = np.empty(n, dtype=np.int64)
     other = np.empty(n, dtype=np.int64)
+    failed = np.empty(n if filtered else 0, dtype=np.int64)
     buffer = np.empty(n, dtype=np.float64)
     added = 0
     for r in range(world):
@@ -671,10 +777,14 @@ def fill_in_order(keys: np.ndarray, offsets: np.ndarray, world: int, k: int, kep
             continue
         n_empty = 0
         n_other = 0
+        n_failed = 0
         for g in range(r * n, (r + 1) * n):
             if kept[g]:
                 continue
-            if offsets[g] == offsets[g + 1]:
+            if filtered and not allowed[g]:
+                failed[n_failed] = g
+                n_failed += 1
+            elif offsets[g] == offsets[g + 1]:
                 empty[n_empty] = g
                 n_empty += 1
             else:
@@ -683,5 +793,82 @@ def fill_in_order(keys: np.ndarray, offsets: np.ndarray, world: int, k: int, kep
         taken = _take_lowest(keys, empty, n_empty, need, buffer, kept)
         if taken < need:
             taken += _take_lowest(keys, other, n_other, need - taken, buffer, kept)
+        if taken < need:
+            taken += _take_lowest(keys, failed, n_failed, need - taken, buffer, kept)
         added += taken
     return added
+
+
+@_jit
+def iid_allowed(keys: np.ndarray, world: int, k: int, allowed: np.ndarray, kept) -> int:
+    """IID under filters: each rank's passing samples by ``(key, index)``, up to ``k``.
+
+    Returns how many were kept; the fill then completes short ranks from the failing samples in
+    the same order.
+    """
+    n = keys.shape[0] // world
+    idx = np.empty(n, dtype=np.int64)
+    buffer = np.empty(n, dtype=np.float64)
+    total = 0
+    for r in range(world):
+        count = 0
+        for g in range(r * n, (r + 1) * n):
+            if allowed[g]:
+                idx[count] = g
+                count += 1
+        total += _take_lowest(keys, idx, count, k, buffer, kept)
+    return total
+
+
+@_jit
+def balanced_keys(
+    d_offsets: np.ndarray, d_ids: np.ndarray, keys: np.ndarray, inv_count: np.ndarray,
+    threshold: float, allowed: np.ndarray,
+) -> np.ndarray:
+    """``balanced``'s draw keys: ``-log1p(-u_g) / p_g``, ``inf`` where ``p_g`` is 0.
+
+    ``p_g = 1 - prod over c in C_g of (1 - min(1, threshold * inv_count[c]))`` multiplied in
+    first-appearance order (``inv_count[c] = 1 / N_c``); the samples with the ``k`` smallest keys
+    are a weighted draw without replacement (exponential races). Samples without concepts or
+    failing the filters get ``inf``.
+    """
+    n = d_offsets.shape[0] - 1
+    filtered = allowed.shape[0] > 0
+    out = np.empty(n, dtype=np.float64)
+    for g in range(n):
+        start = d_offsets[g]
+        end = d_offsets[g + 1]
+        if end == start or (filtered and not allowed[g]):
+            out[g] = np.inf
+            continue
+        miss = 1.0
+        for e in range(start, end):
+            miss *= 1.0 - min(1.0, threshold * inv_count[d_ids[e]])
+        p = 1.0 - miss
+        out[g] = -np.log1p(-keys[g]) / p if p > 0.0 else np.inf
+    return out
+
+
+@_jit
+def take_smallest_per_rank(values: np.ndarray, world: int, k: int, kept) -> int:
+    """Mark, per rank, up to ``k`` samples with the smallest finite ``(values[g], g)``.
+
+    A sort of each rank's finite values (a stable argsort: ties to the lower index); samples
+    whose value is ``inf`` are never taken here (the fill takes them). Returns how many.
+    """
+    n = values.shape[0] // world
+    total = 0
+    for r in range(world):
+        row = values[r * n : (r + 1) * n]
+        order = np.argsort(row, kind="mergesort")
+        taken = 0
+        for j in range(n):
+            if taken == k:
+                break
+            i = order[j]
+            if row[i] == np.inf:
+                break
+            kept[r * n + i] = True
+            taken += 1
+        total += taken
+    return total

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -40,12 +40,23 @@ class Superbatch:
     ``offsets`` (int64 ``[N + 1]``) and ``ids`` (int32 ``[nnz]``) are rank-major: sample ``j`` of
     rank ``r`` is global sample ``g = r * n + j`` with concepts ``ids[offsets[g]:offsets[g+1]]``
     (one entry per detected instance, so ids may repeat; a list may be empty).
+
+    ``columns`` are numeric per-sample values (float64 ``[N]``, same order) for the filters;
+    ``allowed`` is the filters' verdict (bool ``[N]``), ``None`` when no filter is on. Every
+    policy keeps failing samples out of its own ranking; only the fill may take them.
     """
 
     offsets: np.ndarray
     ids: np.ndarray
     world: int
     num_concepts: int
+    columns: Mapping[str, np.ndarray] = field(default_factory=dict)
+    allowed: np.ndarray | None = None
+
+    @property
+    def allowed_or_all(self) -> np.ndarray:
+        """``allowed`` in the kernels' form: an empty array when no filter is on."""
+        return _kernels.NO_FILTER if self.allowed is None else self.allowed
 
     @property
     def size(self) -> int:
@@ -64,6 +75,7 @@ class Superbatch:
         ids: Any,
         world: int,
         num_concepts: int | None = None,
+        columns: Mapping[str, Any] | None = None,
     ) -> Superbatch:
         """Check and normalise the ragged input; errors say which invariant failed."""
         offsets = np.ascontiguousarray(offsets, dtype=np.int64)
@@ -107,7 +119,19 @@ class Superbatch:
                 "dense positions in vocabulary.json"
             )
         ids_arr = np.ascontiguousarray(ids_in, dtype=np.int32)
-        return cls(offsets=offsets, ids=ids_arr, world=int(world), num_concepts=int(num_concepts))
+        checked: dict[str, np.ndarray] = {}
+        for name, values in (columns or {}).items():
+            arr = np.ascontiguousarray(values, dtype=np.float64)
+            if arr.shape != (size,):
+                raise ValueError(
+                    f"column {name!r} has shape {arr.shape}; it needs one value per sample of "
+                    f"the global superbatch ({size},)"
+                )
+            checked[name] = arr
+        return cls(
+            offsets=offsets, ids=ids_arr, world=int(world), num_concepts=int(num_concepts),
+            columns=checked,
+        )
 
     def local(self, kept_global: np.ndarray, k: int) -> np.ndarray:
         """Ascending kept global indices (exactly ``k`` per rank) to ``[world, k]`` local ones."""
@@ -134,7 +158,7 @@ def fill_quota(sb: Superbatch, kept: np.ndarray, k: int, seed: int, step: int) -
     if np.count_nonzero(kept) == k * sb.world:  # no policy keeps more than k on a rank
         return 0
     keys = step_keys(seed, step, sb.size)
-    return _kernels.fill_in_order(keys, sb.offsets, sb.world, k, kept)
+    return _kernels.fill_in_order(keys, sb.offsets, sb.world, k, kept, sb.allowed_or_all)
 
 
 @dataclass(frozen=True)
@@ -153,6 +177,10 @@ class SelectionStats:
     """Mean concept instances (``len(L_g)``) per kept sample."""
     filled: int
     """Samples added by the seeded fill rather than by the policy's ranking (0 for IID / FM)."""
+    filtered_out: int
+    """Samples of the global superbatch that failed ``selection.filters`` (0 without filters)."""
+    filter_shortfall: int
+    """Kept samples that failed the filters: taken by the fill because too few passed."""
     wall_ms: float
     """Wall time of the whole call (validation, policy, fill, statistics), milliseconds."""
 
@@ -183,6 +211,23 @@ class Kept:
     """How many of the kept samples came from :func:`fill_quota`."""
     superbatch_distinct: int | None = None
     """``K`` when the policy computed it anyway (saves the statistics a pass over the ids)."""
+    allowed: np.ndarray | None = None
+    """The filters' verdict when a filter wrapper applied them (for the statistics)."""
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What some policies need to know about the whole training set, not just the superbatch.
+
+    ``concept_samples``: ``N_c``, the dataset-wide number of samples containing each concept id
+    (``concept_counts.json`` beside ``vocabulary.json``, summed over streams); ``names``: the
+    vocabulary, id order. Policies take them in :meth:`SelectionPolicy.bind`.
+    """
+
+    concept_samples: np.ndarray | None = None
+    names: tuple[str, ...] | None = None
+    source: str = "the training data"
+    """Where the facts came from, for error messages."""
 
 
 class SelectionPolicy(ABC):
@@ -193,6 +238,8 @@ class SelectionPolicy(ABC):
     """
 
     name: ClassVar[str]
+    #: Option names users write that are not Python identifiers (``lambda`` -> ``lam``).
+    aliases: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def keep(self, sb: Superbatch, k: int, seed: int, step: int) -> Kept:
@@ -213,21 +260,54 @@ class SelectionPolicy(ABC):
         unkept = np.flatnonzero(~kept[rank * n : (rank + 1) * n])
         return np.random.default_rng([seed, step, rank, 1]).permutation(unkept)
 
+    def bind(self, facts: DatasetFacts) -> SelectionPolicy:
+        """Return the policy with what it needs from the dataset (counts, names); default: self."""
+        return self
+
+    def resolve(self, batches_per_epoch: int | None, max_batches: int | None) -> SelectionPolicy:
+        """Return the policy with training times (``ep``, ``dur``) in steps; default: self."""
+        return self
+
+    def required_columns(self) -> tuple[str, ...]:
+        """Numeric per-sample columns the policy reads (``Superbatch.columns``); default none."""
+        return ()
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The options users may set, as they write them (aliases such as ``lambda``)."""
+        back = {field: alias for alias, field in cls.aliases.items()}
+        return [
+            back.get(f.name, f.name)
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if not f.metadata.get("bound")
+        ]
+
     def config(self) -> dict[str, Any]:
-        """Plain-value description of the policy (saved with checkpoints, compared on load)."""
-        return {"name": self.name, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+        """Plain-value description of the policy (saved with checkpoints, compared on load).
+
+        Options added after a policy first shipped are left out while unset (``omit_none``), so
+        a checkpoint of an earlier release resumes without a "configuration changed" warning.
+        """
+        back = {field: alias for alias, field in self.aliases.items()}
+        options = {
+            back.get(f.name, f.name): getattr(self, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if not f.metadata.get("bound")
+            and not (f.metadata.get("omit_none") and getattr(self, f.name) is None)
+        }
+        return {"name": self.name, **options}
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> SelectionPolicy:
         """Build from a mapping of options; an unknown option is an error listing valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        valid = cls.option_names()
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(
                 f"unknown option(s) {unknown} for selection policy {cls.name!r}; "
                 f"valid options: {valid or 'none'}"
             )
-        return cls(**options)
+        return cls(**{cls.aliases.get(key, key): value for key, value in options.items()})
 
 
 def compute_stats(
@@ -241,6 +321,11 @@ def compute_stats(
     if present is None:
         present = _kernels.count_present(sb.ids, sb.num_concepts)
     total = kept_global.shape[0]
+    failed = shortfall = 0
+    allowed = kept.allowed if kept.allowed is not None else sb.allowed
+    if allowed is not None:
+        failed = int(allowed.shape[0] - np.count_nonzero(allowed))
+        shortfall = int(total - np.count_nonzero(allowed[kept_global]))
     return SelectionStats(
         kept_distinct=int(distinct),
         superbatch_distinct=int(present),
@@ -248,5 +333,7 @@ def compute_stats(
         max_concept_count=int(largest),
         mean_instances=instances / total,
         filled=int(kept.filled),
+        filtered_out=failed,
+        filter_shortfall=shortfall,
         wall_ms=(time.perf_counter() - started) * 1e3,
     )

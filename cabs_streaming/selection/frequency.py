@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cabs_streaming.selection import _kernels
-from cabs_streaming.selection.base import Kept, SelectionPolicy, Superbatch
+from cabs_streaming.selection.base import Kept, SelectionPolicy, Superbatch, fill_quota
 
 
 def frequency_keep(sb: Superbatch, k: int) -> np.ndarray:
@@ -18,8 +18,9 @@ def frequency_keep(sb: Superbatch, k: int) -> np.ndarray:
 
     Repeats count (three boxes of "dog" score 3); ties go to the lower index. Needs no
     communication and no randomness: each rank's answer depends on its own samples only.
+    Under filters, only passing samples are ranked; a rank left short is completed by the fill.
     """
-    return _kernels.top_k_by_length(sb.offsets, sb.world, k)
+    return _kernels.top_k_by_length(sb.offsets, sb.world, k, sb.allowed_or_all)
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,10 @@ class Frequency(SelectionPolicy):
     name = "frequency"
 
     def keep(self, sb: Superbatch, k: int, seed: int, step: int) -> Kept:
-        """See :func:`frequency_keep`; ``seed`` and ``step`` are unused."""
-        return Kept(frequency_keep(sb, k))
+        """See :func:`frequency_keep`; ``seed`` and ``step`` are unused but for the fill."""
+        mask = frequency_keep(sb, k)
+        filled = fill_quota(sb, mask, k, seed, step) if sb.allowed is not None else 0
+        return Kept(mask, filled=filled)
 
     def reserve(
         self, sb: Superbatch, kept: np.ndarray, rank: int, seed: int, step: int

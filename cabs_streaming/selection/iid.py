@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cabs_streaming.selection import _kernels
-from cabs_streaming.selection.base import Kept, SelectionPolicy, Superbatch, step_keys
+from cabs_streaming.selection.base import Kept, SelectionPolicy, Superbatch, fill_quota, step_keys
 
 
 def iid_keep(sb: Superbatch, k: int, seed: int, step: int) -> np.ndarray:
@@ -18,6 +18,9 @@ def iid_keep(sb: Superbatch, k: int, seed: int, step: int) -> np.ndarray:
     and on resume. With ``k == n`` (filter ratio 0) every sample is kept.
     """
     mask = np.zeros(sb.size, dtype=np.bool_)
+    if sb.allowed is not None:  # passing samples in the seeded order; the fill does the rest
+        _kernels.iid_allowed(step_keys(seed, step, sb.size), sb.world, k, sb.allowed, mask)
+        return mask
     if k == sb.per_rank:
         mask[:] = True
         return mask
@@ -33,4 +36,6 @@ class IID(SelectionPolicy):
 
     def keep(self, sb: Superbatch, k: int, seed: int, step: int) -> Kept:
         """See :func:`iid_keep`."""
-        return Kept(iid_keep(sb, k, seed, step))
+        mask = iid_keep(sb, k, seed, step)
+        filled = fill_quota(sb, mask, k, seed, step) if sb.allowed is not None else 0
+        return Kept(mask, filled=filled)

@@ -23,6 +23,7 @@ of the samples that change rank lives in ``cabs_streaming.algorithm``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +116,15 @@ class InvariantSelection:
     result: SelectionResult
 
 
+def _reorder_columns(
+    columns: Mapping[str, Any] | None, order: np.ndarray
+) -> dict[str, np.ndarray] | None:
+    """The numeric columns in canonical order, like the concept lists."""
+    if not columns:
+        return None
+    return {name: np.asarray(values, dtype=np.float64)[order] for name, values in columns.items()}
+
+
 def select_invariant(
     policy: str | SelectionPolicy,
     offsets: Any,
@@ -125,6 +135,7 @@ def select_invariant(
     seed: int,
     step: int,
     num_concepts: int | None = None,
+    columns: Mapping[str, Any] | None = None,
 ) -> InvariantSelection:
     """Select ``world * k`` samples from the global superbatch as one rank, then assign them.
 
@@ -155,6 +166,7 @@ def select_invariant(
         seed=seed,
         step=step,
         num_concepts=num_concepts,
+        columns=_reorder_columns(columns, order),
     )
     kept_positions = order[result.kept[0]]
     sources = assign_to_ranks(kept_positions, indices, world, k)
@@ -176,6 +188,7 @@ def invariant_stand_ins(
     seed: int,
     step: int,
     num_concepts: int | None = None,
+    columns: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
     """Rank ``rank``'s own unkept samples (local indices) in the policy's order of preference.
 
@@ -188,7 +201,9 @@ def invariant_stand_ins(
     indices = np.asarray(indices, dtype=np.int64)
     order = canonical_order(indices)
     c_offsets, c_ids = reorder_ragged(np.asarray(offsets, dtype=np.int64), np.asarray(ids), order)
-    sb = Superbatch.from_arrays(c_offsets, c_ids, 1, num_concepts)
+    sb = Superbatch.from_arrays(
+        c_offsets, c_ids, 1, num_concepts, _reorder_columns(columns, order)
+    )
     mask = np.zeros(sb.size, dtype=np.bool_)
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.shape[0])

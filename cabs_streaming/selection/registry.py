@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from cabs_streaming.selection.balanced import Balanced
 from cabs_streaming.selection.base import (
     SelectionPolicy,
     SelectionResult,
     Superbatch,
     compute_stats,
 )
-from cabs_streaming.selection.diversity import Diversity
+from cabs_streaming.selection.diversity import Diversity, Mixed
 from cabs_streaming.selection.frequency import Frequency
 from cabs_streaming.selection.iid import IID
 
@@ -26,6 +27,8 @@ POLICIES: dict[str, type[SelectionPolicy]] = {
     IID.name: IID,
     Frequency.name: Frequency,
     Diversity.name: Diversity,
+    Mixed.name: Mixed,
+    Balanced.name: Balanced,
 }
 
 
@@ -58,13 +61,15 @@ def select(
     seed: int,
     step: int,
     num_concepts: int | None = None,
+    columns: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> SelectionResult:
     """Select ``k`` samples on each of ``world`` ranks from a global ragged superbatch.
 
     ``policy`` is a registered name (with ``options``) or a built :class:`SelectionPolicy`.
     ``offsets``/``ids`` are the rank-major CSR concept lists of all ``world * n`` samples;
-    ``num_concepts`` (the vocabulary size) is optional and only tightens validation. The result
+    ``num_concepts`` (the vocabulary size) is optional and only tightens validation;
+    ``columns`` are numeric per-sample values (``[N]`` each) for filters. The result
     holds ``int64 [world, k]`` ascending local indices and the spec's statistics. Pure: the same
     arguments give the same answer on every rank, in every process, on every resume.
     """
@@ -73,7 +78,7 @@ def select(
         policy = get_policy(policy, options)
     elif options:
         raise TypeError("pass options either in a built policy or with a policy name, not both")
-    sb = Superbatch.from_arrays(offsets, ids, world, num_concepts)
+    sb = Superbatch.from_arrays(offsets, ids, world, num_concepts, columns)
     k = _check_int("k (samples kept per rank)", k, 1)
     if k > sb.per_rank:
         raise ValueError(
@@ -97,6 +102,7 @@ def stand_ins(
     seed: int,
     step: int,
     num_concepts: int | None = None,
+    columns: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
     """Rank ``rank``'s unkept local indices in the policy's order of preference.
 
@@ -106,7 +112,7 @@ def stand_ins(
     """
     if isinstance(policy, str):
         policy = get_policy(policy)
-    sb = Superbatch.from_arrays(offsets, ids, world, num_concepts)
+    sb = Superbatch.from_arrays(offsets, ids, world, num_concepts, columns)
     mask = np.zeros(sb.size, dtype=np.bool_)
     mask[(np.asarray(kept, dtype=np.int64) + sb.starts[:, None]).ravel()] = True
     return policy.reserve(sb, mask, rank, seed, step)
