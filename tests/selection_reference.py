@@ -134,3 +134,148 @@ def frequency(lists: list[list[int]], world: int, k: int) -> list[list[int]]:
 
 def iid(n: int, world: int, k: int, seed: int, step: int) -> list[list[int]]:
     return [sorted(seeded_order(seed, step, n * world, rank, n)[:k]) for rank in range(world)]
+
+
+# ------------------------------------------------ beyond the paper (docs/selection.md, 17)
+
+
+def targets_weighted(
+    doc_freq: dict[int, int], weights: list[float], b: int, cap: int
+) -> dict[int, int]:
+    """Largest-remainder shares of ``b`` in proportion to ``weights``, then clamp and rescale."""
+    present = sorted(doc_freq)
+    if not present:
+        return {}
+    total_w = sum(weights[c] for c in present)
+    q = {c: (b / len(present) if not total_w > 0 else b * weights[c] / total_w) for c in present}
+    t = {c: int(np.floor(q[c])) for c in present}
+    left = b - sum(t.values())
+    by_remainder = sorted(present, key=lambda c: (-(q[c] - np.floor(q[c])), c))
+    for c in by_remainder[:left]:
+        t[c] += 1
+    t = {c: min(max(v, 1), cap) for c, v in t.items()}
+    total = sum(t.values())
+    if total > b:
+        t = {c: max(1, min(v * b // total, cap)) for c, v in t.items()}
+    return t
+
+
+def greedy_general(
+    candidates: list[int],
+    entries: list[list[int]],
+    t: dict[int, int],
+    doc_freq: dict[int, int],
+    cap: int,
+    quota: list[int],
+    n: int,
+    kept: set[int],
+    bonus: list[float],
+    allowed: list[bool],
+) -> None:
+    """The default-form greedy with a fixed per-sample ``bonus`` and the filters' ``allowed``."""
+    counts: Counter = Counter()
+    while True:
+        best: tuple[float, int] | None = None
+        for g in candidates:
+            if g in kept or quota[g // n] == 0 or not entries[g] or not allowed[g]:
+                continue
+            if any(counts[c] >= cap for c in entries[g]):
+                continue
+            total = 0.0
+            for c in entries[g]:
+                if counts[c] < t[c]:
+                    total += (t[c] - counts[c]) / t[c] + 1 / doc_freq[c]
+            gain = total / len(entries[g]) + bonus[g]
+            if best is None or gain > best[0]:
+                best = (gain, g)
+        if best is None:
+            return
+        g = best[1]
+        kept.add(g)
+        quota[g // n] -= 1
+        for c in entries[g]:
+            counts[c] += 1
+
+
+def fill_filtered(
+    lists: list[list[int]], world: int, k: int, seed: int, step: int, kept: set[int],
+    allowed: list[bool],
+) -> None:
+    """The fill with filters: passing empty, passing others, then failing, each seeded."""
+    n = len(lists) // world
+    for rank in range(world):
+        need = k - sum(1 for j in range(n) if rank * n + j in kept)
+        order = seeded_order(seed, step, len(lists), rank, n)
+        free = [j for j in order if rank * n + j not in kept]
+        groups = (
+            [j for j in free if allowed[rank * n + j] and not lists[rank * n + j]],
+            [j for j in free if allowed[rank * n + j] and lists[rank * n + j]],
+            [j for j in free if not allowed[rank * n + j]],
+        )
+        for group in groups:
+            take = group[: max(0, need)]
+            for j in take:
+                kept.add(rank * n + j)
+            need -= len(take)
+
+
+def general_dm(
+    lists: list[list[int]],
+    world: int,
+    k: int,
+    seed: int,
+    step: int,
+    concept_cap: int | None = None,
+    weights: list[float] | None = None,
+    lam: float | None = None,
+    allowed: list[bool] | None = None,
+) -> list[list[int]]:
+    """CABS-DM (default form) with target weights, ``mixed``'s FM term and filters."""
+    size = len(lists)
+    n = size // world
+    distinct = [list(dict.fromkeys(items)) for items in lists]
+    doc_freq = dict(Counter(c for items in distinct for c in items))
+    b = world * k
+    cap = concept_cap if concept_cap is not None else max(1, round(b * 10 / 1024))
+    if weights is None:
+        t = targets(doc_freq, b, cap)
+    else:
+        t = targets_weighted(doc_freq, weights, b, cap)
+    longest = max((len(items) for items in lists), default=0)
+    bonus = [0.0] * size
+    if lam is not None and longest:
+        bonus = [lam * (len(items) / longest) for items in lists]
+    allowed = allowed if allowed is not None else [True] * size
+    kept: set[int] = set()
+    greedy_general(list(range(size)), distinct, t, doc_freq, cap, [k] * world, n, kept, bonus,
+                   allowed)
+    fill_filtered(lists, world, k, seed, step, kept, allowed)
+    return to_local(kept, world, n)
+
+
+def balanced(
+    lists: list[list[int]], world: int, k: int, seed: int, step: int, counts: list[int],
+    threshold: float, allowed: list[bool] | None = None,
+) -> list[list[int]]:
+    """Per rank, the ``k`` smallest ``-log(1 - u_g) / p_g`` (p > 0), then the fill."""
+    size = len(lists)
+    n = size // world
+    allowed = allowed if allowed is not None else [True] * size
+    keys = np.random.default_rng([seed, step]).random(size).tolist()
+    kept: set[int] = set()
+    for rank in range(world):
+        race = []
+        for g in range(rank * n, (rank + 1) * n):
+            distinct = list(dict.fromkeys(lists[g]))
+            if not distinct or not allowed[g]:
+                continue
+            miss = 1.0
+            for c in distinct:
+                miss *= 1.0 - (min(1.0, threshold / counts[c]) if counts[c] > 0 else 1.0)
+            p = 1.0 - miss
+            if p > 0:
+                race.append((float(-np.log1p(-keys[g]) / p), g))
+        for _, g in sorted(race)[:k]:
+            kept.add(g)
+    fill_filtered(lists, world, k, seed, step, kept, allowed)
+    return to_local(kept, world, n)

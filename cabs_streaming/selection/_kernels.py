@@ -821,31 +821,30 @@ def iid_allowed(keys: np.ndarray, world: int, k: int, allowed: np.ndarray, kept)
 
 
 @_jit
-def balanced_keys(
-    d_offsets: np.ndarray, d_ids: np.ndarray, keys: np.ndarray, inv_count: np.ndarray,
-    threshold: float, allowed: np.ndarray,
+def balanced_probability(
+    d_offsets: np.ndarray, d_ids: np.ndarray, counts: np.ndarray, threshold: float,
+    allowed: np.ndarray,
 ) -> np.ndarray:
-    """``balanced``'s draw keys: ``-log1p(-u_g) / p_g``, ``inf`` where ``p_g`` is 0.
+    """``balanced``'s keep probability per sample (docs/selection.md#balanced).
 
-    ``p_g = 1 - prod over c in C_g of (1 - min(1, threshold * inv_count[c]))`` multiplied in
-    first-appearance order (``inv_count[c] = 1 / N_c``); the samples with the ``k`` smallest keys
-    are a weighted draw without replacement (exponential races). Samples without concepts or
-    failing the filters get ``inf``.
+    ``p_g = 1 - prod over c in C_g of (1 - min(1, threshold / N_c))``, multiplied in
+    first-appearance order, a concept with ``N_c = 0`` counting as ``min(...) = 1``; 0 for a
+    sample without concepts or failing the filters.
     """
     n = d_offsets.shape[0] - 1
     filtered = allowed.shape[0] > 0
-    out = np.empty(n, dtype=np.float64)
+    out = np.zeros(n, dtype=np.float64)
     for g in range(n):
         start = d_offsets[g]
         end = d_offsets[g + 1]
         if end == start or (filtered and not allowed[g]):
-            out[g] = np.inf
             continue
         miss = 1.0
         for e in range(start, end):
-            miss *= 1.0 - min(1.0, threshold * inv_count[d_ids[e]])
-        p = 1.0 - miss
-        out[g] = -np.log1p(-keys[g]) / p if p > 0.0 else np.inf
+            count = counts[d_ids[e]]
+            share = 1.0 if count <= 0.0 else min(1.0, threshold / count)
+            miss *= 1.0 - share
+        out[g] = 1.0 - miss
     return out
 
 

@@ -28,26 +28,29 @@ from cabs_streaming.selection.base import (
 
 
 def balanced_draw_keys(
-    sb: Superbatch, seed: int, step: int, inv_count: np.ndarray, threshold: float
+    sb: Superbatch, seed: int, step: int, counts: np.ndarray, threshold: float
 ) -> np.ndarray:
-    """The draw's keys ``-log1p(-u_g) / p_g`` (``inf`` for ``p_g = 0`` and failing samples).
+    """The draw's keys ``-log1p(-u_g) / p_g`` (``inf`` where ``p_g = 0``: no concepts, filtered).
 
-    ``p_g = 1 - prod over c in C_g of (1 - min(1, t / N_c))``; ``u_g`` are the step's keys.
+    ``p_g = 1 - prod over c in C_g of (1 - min(1, t / N_c))``; ``u_g`` are the step's keys;
+    ``log1p`` is numpy's, so the keys are the same wherever numpy is the same.
     """
-    if inv_count.shape[0] < sb.num_concepts:
+    if counts.shape[0] < sb.num_concepts:
         raise ValueError(
-            f"the concept counts cover {inv_count.shape[0]} concepts but the superbatch has ids "
+            f"the concept counts cover {counts.shape[0]} concepts but the superbatch has ids "
             f"up to {sb.num_concepts - 1}; the counts and the data must share one vocabulary"
         )
     d_offsets, d_ids, _ = _kernels.distinct_lists(sb.offsets, sb.ids, sb.num_concepts)
-    return _kernels.balanced_keys(
-        d_offsets, d_ids, step_keys(seed, step, sb.size), inv_count, threshold,
-        sb.allowed_or_all,
-    )
+    p = _kernels.balanced_probability(d_offsets, d_ids, counts, threshold, sb.allowed_or_all)
+    u = step_keys(seed, step, sb.size)
+    keys = np.full(sb.size, np.inf)
+    drawn = p > 0.0
+    keys[drawn] = -np.log1p(-u[drawn]) / p[drawn]
+    return keys
 
 
 def balanced_keep(
-    sb: Superbatch, k: int, seed: int, step: int, inv_count: np.ndarray, threshold: float
+    sb: Superbatch, k: int, seed: int, step: int, counts: np.ndarray, threshold: float
 ) -> Kept:
     """Each rank keeps its ``k`` samples with the smallest draw keys, then the fill.
 
@@ -56,7 +59,7 @@ def balanced_keep(
     without concepts have ``p_g = 0``: like MetaCLIP's unmatched texts they are never drawn, and
     the fill takes them (in the step's seeded order) only when a rank has too few others.
     """
-    keys = balanced_draw_keys(sb, seed, step, inv_count, threshold)
+    keys = balanced_draw_keys(sb, seed, step, counts, threshold)
     mask = np.zeros(sb.size, dtype=np.bool_)
     _kernels.take_smallest_per_rank(keys, sb.world, k, mask)
     filled = fill_quota(sb, mask, k, seed, step)
@@ -75,7 +78,7 @@ class Balanced(SelectionPolicy):
 
     name = "balanced"
     threshold: float = 20000.0
-    inverse_counts: np.ndarray | None = field(
+    counts: np.ndarray | None = field(
         default=None, compare=False, repr=False, metadata={"bound": True}
     )
 
@@ -87,36 +90,34 @@ class Balanced(SelectionPolicy):
             raise ValueError(f"threshold must be a positive number, got {value!r}")
 
     def bind(self, facts: DatasetFacts) -> Balanced:
-        """Take ``1 / N_c`` from the dataset-wide counts."""
+        """Take ``N_c`` from the dataset-wide counts."""
         if facts.concept_samples is None:
             raise ValueError(
                 f"selection policy 'balanced' needs the dataset-wide concept counts, and "
                 f"{facts.source} has none: convert it with this version of cabs-convert (it "
                 "writes concept_counts.json beside vocabulary.json)"
             )
-        counts = np.asarray(facts.concept_samples, dtype=np.float64)
-        with np.errstate(divide="ignore"):
-            inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), np.inf)
-        return dataclasses.replace(self, inverse_counts=inverse)
+        counts = np.ascontiguousarray(facts.concept_samples, dtype=np.float64)
+        return dataclasses.replace(self, counts=counts)
 
-    def _inverse(self) -> np.ndarray:
-        if self.inverse_counts is None:
+    def _counts(self) -> np.ndarray:
+        if self.counts is None:
             raise ValueError(
                 "selection policy 'balanced' needs the dataset-wide concept counts: call "
                 "policy.bind(DatasetFacts(concept_samples=...)) first (the trainer does)"
             )
-        return self.inverse_counts
+        return self.counts
 
     def keep(self, sb: Superbatch, k: int, seed: int, step: int) -> Kept:
         """See :func:`balanced_keep`."""
-        return balanced_keep(sb, k, seed, step, self._inverse(), float(self.threshold))
+        return balanced_keep(sb, k, seed, step, self._counts(), float(self.threshold))
 
     def reserve(
         self, sb: Superbatch, kept: np.ndarray, rank: int, seed: int, step: int
     ) -> np.ndarray:
         """The rank's unkept samples by draw key, smallest first (the draw's next picks)."""
         n = sb.per_rank
-        keys = balanced_draw_keys(sb, seed, step, self._inverse(), float(self.threshold))
+        keys = balanced_draw_keys(sb, seed, step, self._counts(), float(self.threshold))
         row = keys[rank * n : (rank + 1) * n]
         unkept = np.flatnonzero(~kept[rank * n : (rank + 1) * n])
         return unkept[np.argsort(row[unkept], kind="stable")]

@@ -210,7 +210,8 @@ class Schedule(SelectionPolicy):
                 value = phase.ramp.start + (phase.ramp.end - phase.ramp.start) * share
                 return self._at(phase, value)
             first = stop
-        return self.phases[-1].policy  # past the last phase's end: it goes on
+        last = self.phases[-1]  # past the last phase's end: it goes on, at the ramp's end value
+        return last.policy if last.ramp is None else self._at(last, last.ramp.end)
 
     def keep(self, sb: Superbatch, k: int, seed: int, step: int) -> Kept:
         """The phase policy's choice at ``step``."""
