@@ -23,6 +23,7 @@ from streaming import StreamingDataset
 from streaming.base.format.mds.encodings import get_mds_encodings
 
 from cabs_streaming.cli.convert import main
+from cabs_streaming.cli.count import main as count_main
 from cabs_streaming.concepts import (
     CONCEPT_COUNTS_FILENAME,
     NUMERIC_TYPES,
@@ -187,6 +188,25 @@ def test_counts_are_downloaded_from_the_streams_remote(
     dataset = ConceptStreamingDataset(remote=str(a), local=str(cache), batch_size=1)
     assert dataset.concept_counts == ConceptCounts.read(str(a))
     assert (cache / CONCEPT_COUNTS_FILENAME).exists()
+
+
+def test_count_concepts_writes_what_the_converter_wrote_for_an_older_dataset(
+    tmp_path: Path, sample_jpegs: list[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = [{"concepts": ["dog", "dog", "cat"]}, {"concepts": []}, {"concepts": ["cat"]},
+             {"concepts": ["owl", "cat", "owl", "owl"]}]
+    out = tmp_path / "out"
+    run([manifest(tmp_path / "in", sample_jpegs, lines)], "jsonl", out)
+    written = ConceptCounts.read(str(out))
+    (out / CONCEPT_COUNTS_FILENAME).unlink()  # as a conversion before the file existed
+
+    assert count_main([str(out), "--no-progress"]) == 0
+    assert ConceptCounts.read(str(out)) == written
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == {"file": str(out / CONCEPT_COUNTS_FILENAME), "samples": 4, "concepts": 3,
+                       "used": 3, "instances": 8}
+    assert count_main([str(tmp_path / "in"), "--no-progress"]) == 2
+    assert "index.json does not exist" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------- numeric columns: write
