@@ -118,6 +118,7 @@ def _assert_same(local: dict[str, Any], spark: dict[str, Any], a: Path, b: Path)
         assert local[field] == spark[field], field
     assert spark["engine"] == "spark"
     assert (a / "vocabulary.json").read_text() == (b / "vocabulary.json").read_text()
+    assert ConceptCounts.read(str(a)) == ConceptCounts.read(str(b))
     assert read_back(a) == read_back(b)
 
 
