@@ -585,12 +585,12 @@ def publish_dataset(
     notes: list[str],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Merge the parts in order, then publish ``vocabulary.json`` and ``report.json``.
+    """Merge the parts in order, then publish the vocabulary, the concept counts and the report.
 
-    ``concept_counts.json`` (:class:`~cabs_streaming.concepts.ConceptCounts`, the report's
-    ``per_concept`` lists) goes beside the vocabulary. The report goes last, so a dataset with a
-    report is complete. ``vocabulary`` is what
-    :func:`final_vocabulary` returned; ``extra`` adds engine facts to the report.
+    ``concept_counts.json`` (:class:`~cabs_streaming.concepts.ConceptCounts`: the report's
+    ``per_concept`` lists) goes beside ``vocabulary.json``, for every engine and for a resumed
+    conversion too. The report goes last, so a dataset with a report is complete. ``vocabulary``
+    is what :func:`final_vocabulary` returned; ``extra`` adds engine facts to the report.
     """
     final, source, added = vocabulary
     if part_names:
