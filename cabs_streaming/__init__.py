@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "LookaheadDataLoader": "cabs_streaming.dataset",
     "num_samples_in_batch": "cabs_streaming.dataset",
     "Vocabulary": "cabs_streaming.concepts",
+    "ConceptCounts": "cabs_streaming.concepts",
     "ImageDecoder": "cabs_streaming.decode",
     # selection
     "POLICIES": "cabs_streaming.selection",
@@ -52,6 +53,7 @@ __all__ = [
     "ComposerCLIP",
     "ConceptAwareBatchSampling",
     "ConceptCollator",
+    "ConceptCounts",
     "ConceptDiversityMonitor",
     "ConceptNameMapper",
     "ConceptStreamingDataset",

@@ -13,7 +13,7 @@ Streaming 0.13.0
                             attributes read: ``spanner``, ``stream_per_shard``, ``shards``,
                             ``next_epoch``, ``_event`` (the threads' stop event)
 reader (``Reader``)         ``file_pairs`` of ``(raw, zip)`` ``FileInfo`` (``basename``,
-                            ``hashes``), ``raw_data``
+                            ``hashes``), ``raw_data``; MDS readers' ``column_names``
 ``CloudDownloader``         ``direct_download(remote, local, timeout)``
 ``streaming.base.util``     ``retry``; ``merge_index`` and ``bytes_to_int`` are documented
 ``MDSWriter``               ``new_samples``, ``flush_shard``, ``_reset_cache`` (start a shard
@@ -75,6 +75,7 @@ __all__ = [
     "shared_memory_names",
     "shared_memory_prefix",
     "shard_basename",
+    "shard_columns",
     "shard_files",
     "shard_of_sample",
     "shards_written",
@@ -165,6 +166,11 @@ def shard_basename(dataset: Any, shard_id: int) -> str:
     """The file name of a shard's raw data, for messages (a placeholder if it has none)."""
     raw = getattr(dataset.shards[shard_id], "raw_data", None)
     return getattr(raw, "basename", f"shard {shard_id}")
+
+
+def shard_columns(dataset: Any, shard_id: int) -> list[str]:
+    """The column names of a shard, from its ``index.json`` entry (MDS shards; else none)."""
+    return list(getattr(dataset.shards[shard_id], "column_names", None) or [])
 
 
 def stop_dataset_threads(dataset: Any) -> None:

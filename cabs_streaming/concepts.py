@@ -1,10 +1,13 @@
 """Concept vocabulary and the MDS schema shared by the converter, the dataset and the tools.
 
 A concept id is a position in ``vocabulary.json`` (``{"version": 1, "concepts": [...]}``), which
-lives beside the MDS ``index.json``. Concept lists travel as little-endian int32 bytes in MDS and as
-ragged CSR arrays (``offsets`` int64 ``[n + 1]``, ``ids`` int32 ``[nnz]``) in batches, the form the
-selection engine takes. This module is numpy-only on purpose: the selection engine, the dataset
-and the tools all read it, and none of them should pull in torch or Composer through it.
+lives beside the MDS ``index.json``, as does ``concept_counts.json`` (:class:`ConceptCounts`: how
+many written samples hold each concept, counted by the converter, so that a policy can know the
+dataset-wide frequencies without a pass over the shards). Concept lists travel as little-endian
+int32 bytes in MDS and as ragged CSR arrays (``offsets`` int64 ``[n + 1]``, ``ids`` int32
+``[nnz]``) in batches, the form the selection engine takes. This module is numpy-only on purpose:
+the selection engine, the dataset and the tools all read it, and none of them should pull in
+torch or Composer through it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import numpy as np
 
 VOCABULARY_FILENAME = "vocabulary.json"
 VOCABULARY_VERSION = 1
+CONCEPT_COUNTS_FILENAME = "concept_counts.json"
+CONCEPT_COUNTS_VERSION = 1
 
 #: MDS schema version 1 (docs/design.md#mds-schema). ``image`` keeps the encoded file as found so
 #: that decoding can be deferred until after selection; ``concepts`` is little-endian int32 ids
@@ -30,6 +35,12 @@ MDS_COLUMNS: dict[str, str] = {
     "concepts": "bytes",
     "concept_scores": "bytes",
 }
+
+#: Scalar MDS encodings a ``--numeric-column`` may declare (``float32`` is the default).
+NUMERIC_TYPES = ("float32", "float64", "int32", "int64")
+#: Per-sample columns the dataset derives from ``concept_scores`` (no MDS column needed): the
+#: min / max detection confidence of the sample, NaN when it has none.
+DERIVED_COLUMNS = ("concept_score_min", "concept_score_max")
 
 CONCEPT_DTYPE = np.dtype("<i4")
 SCORE_DTYPE = np.dtype("<f2")
@@ -176,5 +187,119 @@ class Vocabulary:
         """Read a local ``vocabulary.json`` (or a directory holding one)."""
         if os.path.isdir(path):
             path = os.path.join(path, VOCABULARY_FILENAME)
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read(), source=path)
+
+
+@dataclass(eq=False)
+class ConceptCounts:
+    """Dataset-wide counts per concept id, as the converter wrote them (``concept_counts.json``).
+
+    ``samples[i]`` is how many written samples hold concept ``i`` at least once, ``instances[i]``
+    how many detected instances of it were written, ``written`` how many samples were written
+    (the denominator of a frequency). Both arrays are int64 and as long as the vocabulary, in its
+    order. Counts of several streams add up (``a + b``, ``sum([...])``), which is what a mixture
+    of datasets sharing one vocabulary holds, whatever the streams' sampling proportions.
+    """
+
+    samples: np.ndarray
+    instances: np.ndarray
+    written: int
+
+    def __post_init__(self) -> None:
+        self.samples = np.array(self.samples, dtype=np.int64).reshape(-1)
+        self.instances = np.array(self.instances, dtype=np.int64).reshape(-1)
+        self.written = int(self.written)
+        if len(self.samples) != len(self.instances):
+            raise ValueError(
+                f"concept counts: {len(self.samples)} sample counts but "
+                f"{len(self.instances)} instance counts; both are one per concept id"
+            )
+        if self.written < 0 or (self.samples < 0).any() or (self.instances < 0).any():
+            raise ValueError("concept counts must be non-negative")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ConceptCounts):
+            return NotImplemented
+        return (
+            self.written == other.written
+            and np.array_equal(self.samples, other.samples)
+            and np.array_equal(self.instances, other.instances)
+        )
+
+    def __add__(self, other: ConceptCounts) -> ConceptCounts:
+        """The counts of both datasets together; they must count the same vocabulary."""
+        if not isinstance(other, ConceptCounts):
+            return NotImplemented
+        if len(self) != len(other):
+            raise ValueError(
+                f"cannot add concept counts over {len(self)} and {len(other)} concepts: the "
+                "datasets do not share one vocabulary"
+            )
+        return ConceptCounts(
+            self.samples + other.samples,
+            self.instances + other.instances,
+            self.written + other.written,
+        )
+
+    def __radd__(self, other: object) -> ConceptCounts:
+        """``0 + counts`` is ``counts``, so that ``sum(counts_list)`` works."""
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self
+        return NotImplemented
+
+    def to_json(self) -> str:
+        """Serialise as ``concept_counts.json`` text."""
+        payload = {
+            "version": CONCEPT_COUNTS_VERSION,
+            "samples": self.samples.tolist(),
+            "instances": self.instances.tolist(),
+            "written": self.written,
+        }
+        return json.dumps(payload)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = CONCEPT_COUNTS_FILENAME) -> ConceptCounts:
+        """Parse ``concept_counts.json`` text; ``source`` names the file in errors."""
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: not valid JSON ({err})") from err
+        shape = '{"version": 1, "samples": [...], "instances": [...], "written": N}'
+        if not isinstance(obj, dict) or not {"samples", "instances", "written"} <= obj.keys():
+            raise ValueError(f"{source}: expected {shape}")
+        if obj.get("version") != CONCEPT_COUNTS_VERSION:
+            raise ValueError(
+                f"{source}: concept counts version {obj.get('version')!r} is not supported "
+                f"(this release reads version {CONCEPT_COUNTS_VERSION}); re-convert the dataset"
+            )
+        fields = (obj["samples"], obj["instances"], obj["written"])
+        lists_ok = all(
+            isinstance(values, list)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+            for values in fields[:2]
+        )
+        if not lists_ok or isinstance(fields[2], bool) or not isinstance(fields[2], int):
+            raise ValueError(f"{source}: expected {shape} with integer counts")
+        try:
+            return cls(*fields)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
+
+    def write(self, directory: str) -> str:
+        """Write ``concept_counts.json`` into a local ``directory``; returns the file path."""
+        path = os.path.join(directory, CONCEPT_COUNTS_FILENAME)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+        return path
+
+    @classmethod
+    def read(cls, path: str) -> ConceptCounts:
+        """Read a local ``concept_counts.json`` (or a directory holding one)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, CONCEPT_COUNTS_FILENAME)
         with open(path, encoding="utf-8") as f:
             return cls.from_json(f.read(), source=path)

@@ -28,9 +28,13 @@ from torch.utils.data import DataLoader
 from cabs_streaming import _internals
 from cabs_streaming.choices import check_caption
 from cabs_streaming.concepts import (
+    CONCEPT_COUNTS_FILENAME,
+    DERIVED_COLUMNS,
     VOCABULARY_FILENAME,
+    ConceptCounts,
     Vocabulary,
     decode_concepts,
+    decode_scores,
     ragged_from_lists,
 )
 
@@ -100,6 +104,41 @@ def _as_tokenizer(
     return CaptionTokenizer(tokenizer, context_length=context_length)
 
 
+def _as_columns(columns: Sequence[str] | None) -> tuple[str, ...]:
+    """``columns=`` checked for shape here; whether the shards have them, after loading."""
+    if columns is None:
+        return ()
+    if isinstance(columns, str):
+        raise TypeError(f"columns must be a list of column names, got the string {columns!r}")
+    names = tuple(columns)
+    if any(not isinstance(name, str) or not name for name in names):
+        raise ValueError(f"columns must be non-empty names, got {list(names)!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"columns names a column twice: {list(names)!r}")
+    return names
+
+
+def _column_values(raw: dict[str, Any], names: Sequence[str]) -> dict[str, float]:
+    """A sample's numeric columns as floats; derived ones from its ``concept_scores``."""
+    values: dict[str, float] = {}
+    scores: np.ndarray | None = None
+    for name in names:
+        if name in DERIVED_COLUMNS:
+            if scores is None:
+                scores = decode_scores(raw["concept_scores"])
+            if not scores.size:
+                values[name] = float("nan")
+            else:
+                values[name] = float(scores.min() if name == "concept_score_min" else scores.max())
+        else:
+            values[name] = float(raw[name])
+    return values
+
+
+class _DownloadFailed(Exception):
+    """A file beside ``index.json`` could not be downloaded; the message names it."""
+
+
 class ShardError(ValueError):
     """A shard could not be downloaded, validated or opened; the message names it.
 
@@ -137,6 +176,8 @@ class ConceptStreamingDataset(StreamingDataset):
     - ``text`` (``LongTensor [context_length]``): the tokenized caption, only when ``tokenizer``
       is set.
     - ``concepts`` (``np.ndarray`` int32): the sample's concept ids, a writable copy.
+    - ``columns`` (``dict[str, float]``): the numeric columns asked for with ``columns``, only
+      then. A stored ``int64`` above 2**53 loses precision as a float.
 
     Args:
         caption: ``"caption"`` (alt-text), ``"recaption"`` (the synthetic caption, falling back
@@ -148,6 +189,13 @@ class ConceptStreamingDataset(StreamingDataset):
             the loader, or ``None`` to leave them as strings (tokenize after selection with
             ``CaptionTokenizer`` or ``ConceptCollator(tokenizer=...)``).
         context_length: token length override for ``tokenizer``.
+        columns: per-sample numbers to carry into ``sample["columns"]`` (and the collated
+            ``batch["columns"]``), for a policy that selects on them: MDS scalar columns written
+            with ``cabs-convert --numeric-column`` (each must be in every stream's shards, else a
+            ``ValueError`` names the stream and the columns it has), or the derived
+            ``concept_score_min`` / ``concept_score_max``: the min / max of the sample's
+            ``concept_scores`` (detection confidences, float16), NaN when it has none. Default
+            None: no ``columns`` entry, and batches stay as they were.
         **kwargs: every ``streaming.StreamingDataset`` argument (``remote``, ``local``,
             ``streams``, ``batch_size``, ``shuffle``, ``shuffle_seed``, ...). ``batch_size`` must
             equal the per-rank DataLoader batch size, which for CABS is the superbatch size.
@@ -164,6 +212,12 @@ class ConceptStreamingDataset(StreamingDataset):
     no ``download_file`` function; see ``cabs_streaming._internals``), and exposed as
     ``.vocabulary``. With several streams, all must carry the same vocabulary, because concept
     ids from different streams are compared by the selection policy.
+
+    ``concept_counts.json`` (written by the converter beside the vocabulary) is read the same way
+    and exposed as ``.concept_counts``: a :class:`~cabs_streaming.concepts.ConceptCounts` summed
+    over the streams (every stream's file as a whole, whatever its ``proportion``, ``repeat`` or
+    ``choose``), or None when a stream has no such file. A policy that needs the counts calls
+    ``require_concept_counts(why)``, which says which streams lack them and how to make them.
 
     Resumption is streaming's (``state_dict`` / ``load_state_dict`` on a fresh instance), with one
     fix for the state Composer saves at an epoch boundary; see ``state_dict``.
@@ -189,15 +243,20 @@ class ConceptStreamingDataset(StreamingDataset):
         caption: str | float = "caption",
         tokenizer: str | CaptionTokenizer | None = None,
         context_length: int | None = None,
+        columns: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         _internals.require_dataset_hooks(StreamingDataset)
         self.caption = check_caption(caption)  # a typo fails here, not in a loader worker
         self.tokenizer = _as_tokenizer(tokenizer, context_length)
+        self.columns = _as_columns(columns)
         super().__init__(**kwargs)
         self._current_epoch: int | None = None
         self._checked_shards: set[int] = set()  # shard files hashed by this process
         self.vocabulary = self._load_vocabulary()
+        self._streams_without_counts: list[str] = []
+        self.concept_counts: ConceptCounts | None = self._load_concept_counts()
+        self._check_columns()
 
     # ----------------------------------------------------------------------------------------
     # Vocabulary
@@ -208,33 +267,106 @@ class ConceptStreamingDataset(StreamingDataset):
         where = stream.remote if stream.remote else stream.local
         return os.path.join(where, stream.split) if stream.split else where
 
+    @staticmethod
+    def _stream_file(stream: Any, filename: str, attempts: int) -> str:
+        """The local path of ``filename`` beside a stream's ``index.json``, downloaded if absent.
+
+        Raises ``FileNotFoundError`` when it is not local and the stream has no remote, or
+        ``DownloadFailed`` naming the remote when the download fails.
+        """
+        local = os.path.join(stream.local, stream.split, filename)
+        if os.path.exists(local):
+            return local
+        if not stream.remote:
+            raise FileNotFoundError(f"{local} does not exist and the stream has no remote")
+        remote = os.path.join(stream.remote, stream.split, filename)
+        # Every rank and process may get here at once on a shared local dir: download to a
+        # private name and rename atomically, so nobody reads a half-written file.
+        tmp = f"{local}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        try:
+            _internals.retry(num_attempts=max(1, attempts))(
+                lambda: _internals.direct_download(remote, tmp, stream.download_timeout)
+            )()
+        except Exception as err:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise _DownloadFailed(f"could not download {remote} to {local} ({err})") from err
+        os.replace(tmp, local)
+        return local
+
     def _read_stream_vocabulary(self, stream: Any) -> Vocabulary:
         """Read a stream's vocabulary from local, downloading it from remote when absent."""
-        local = os.path.join(stream.local, stream.split, VOCABULARY_FILENAME)
-        if not os.path.exists(local):
-            if not stream.remote:
-                raise FileNotFoundError(
-                    f"{local} does not exist and the stream has no remote: every MDS dataset "
-                    f"needs a {VOCABULARY_FILENAME} beside its index.json (write it with "
-                    "tools/convert_to_mds.py or Vocabulary.save)"
-                )
-            remote = os.path.join(stream.remote, stream.split, VOCABULARY_FILENAME)
-            # Every rank and process may get here at once on a shared local dir: download to a
-            # private name and rename atomically, so nobody reads a half-written file.
-            tmp = f"{local}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-            try:
-                _internals.retry(num_attempts=max(1, stream.download_retry))(
-                    lambda: _internals.direct_download(remote, tmp, stream.download_timeout)
-                )()
-            except Exception as err:
-                raise FileNotFoundError(
-                    f"could not download {remote} to {local} ({err}); every MDS dataset needs a "
-                    f"{VOCABULARY_FILENAME} beside its index.json (tools/convert_to_mds.py "
-                    "writes it)"
-                ) from err
-            os.replace(tmp, local)
+        try:
+            local = self._stream_file(stream, VOCABULARY_FILENAME, stream.download_retry)
+        except (FileNotFoundError, _DownloadFailed) as err:
+            raise FileNotFoundError(
+                f"{err}: every MDS dataset needs a {VOCABULARY_FILENAME} beside its index.json "
+                "(write it with tools/convert_to_mds.py or Vocabulary.save)"
+            ) from err
         with open(local, encoding="utf-8") as f:
             return Vocabulary.from_json(f.read(), source=local)
+
+    def _load_concept_counts(self) -> ConceptCounts | None:
+        """The streams' ``concept_counts.json`` summed, or None when a stream has none.
+
+        The file is optional (datasets converted before it existed have none), so a failed
+        download is tried once and remembered for ``require_concept_counts``' message rather
+        than raised; a file that is there but wrong is an error.
+        """
+        found = []
+        for stream in self.streams:
+            try:
+                local = self._stream_file(stream, CONCEPT_COUNTS_FILENAME, attempts=1)
+            except (FileNotFoundError, _DownloadFailed) as err:
+                self._streams_without_counts.append(f"{self._stream_name(stream)} ({err})")
+                continue
+            counts = ConceptCounts.read(local)
+            if len(counts) != len(self.vocabulary):
+                vocabulary = os.path.join(stream.local, stream.split, VOCABULARY_FILENAME)
+                raise ValueError(
+                    f"{local} counts {len(counts)} concepts but {vocabulary} has "
+                    f"{len(self.vocabulary)}: the two files do not belong together; re-convert "
+                    f"the dataset, or delete {CONCEPT_COUNTS_FILENAME} to do without counts"
+                )
+            found.append(counts)
+        return None if self._streams_without_counts else sum(found[1:], found[0])
+
+    def require_concept_counts(self, why: str) -> ConceptCounts:
+        """``concept_counts``, or a ``ValueError`` naming the streams without them and the fix.
+
+        ``why`` says who needs them (e.g. ``"selection policy 'balanced'"``) for the message.
+        """
+        if self.concept_counts is not None:
+            return self.concept_counts
+        raise ValueError(
+            f"{why} needs the dataset-wide concept counts ({CONCEPT_COUNTS_FILENAME} beside "
+            "index.json), but these streams have none: "
+            + "; ".join(self._streams_without_counts)
+            + ". Re-convert them with cabs-convert (tools/convert_to_mds.py), which writes the "
+            "file, or count an existing MDS dataset with cabs-count-concepts DIR "
+            "(tools/count_concepts.py)"
+        )
+
+    def _check_columns(self) -> None:
+        """Every stored column asked for is in every shard of every stream, else say what is."""
+        stored = [name for name in self.columns if name not in DERIVED_COLUMNS]
+        if not stored:
+            return
+        per_stream: dict[int, set[str]] = {}
+        for shard_id in range(len(self.shards)):
+            stream = int(self.stream_per_shard[shard_id])
+            names = set(_internals.shard_columns(self, shard_id))
+            per_stream[stream] = per_stream.get(stream, names) & names
+        for index, stream in enumerate(self.streams):
+            has = per_stream.get(index, set())
+            missing = [name for name in stored if name not in has]
+            if missing:
+                raise ValueError(
+                    f"stream {self._stream_name(stream)!r} has no column "
+                    f"{', '.join(map(repr, missing))} in (all of) its shards; its columns: "
+                    f"{', '.join(sorted(has)) or 'none'}, and {', '.join(DERIVED_COLUMNS)} are "
+                    "always derived. Convert with cabs-convert --numeric-column NAME[:TYPE]"
+                )
 
     def _load_vocabulary(self) -> Vocabulary:
         first = self.streams[0]
@@ -424,6 +556,8 @@ class ConceptStreamingDataset(StreamingDataset):
         }
         if self.tokenizer is not None:
             sample["text"] = self.tokenizer([caption])[0]
+        if self.columns:
+            sample["columns"] = _column_values(raw, self.columns)
         return sample
 
 
@@ -496,7 +630,9 @@ class ConceptCollator:
       collator was given a ``tokenizer`` (tokenizing in the loader's workers);
     - ``concept_offsets`` (``torch.int64 [n + 1]``) and ``concept_ids`` (``torch.int32 [nnz]``):
       the ragged CSR form of ``cabs_streaming.concepts``; sample ``i`` has
-      ``concept_ids[concept_offsets[i]:concept_offsets[i + 1]]``.
+      ``concept_ids[concept_offsets[i]:concept_offsets[i + 1]]``;
+    - ``columns`` (``dict[str, torch.float64 [n]]``): the numeric columns, in sample order, only
+      when the samples carry them (``ConceptStreamingDataset(columns=[...])``); absent otherwise.
 
     The ragged arrays are torch tensors, not numpy, so that they survive DataLoader
     ``pin_memory``, Composer's ``batch_to_device`` and ``torch.distributed`` all-gathers as they
@@ -525,6 +661,11 @@ class ConceptCollator:
         }
         if samples and "index" in samples[0]:
             batch["sample_indices"] = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
+        if samples and "columns" in samples[0]:
+            batch["columns"] = {
+                name: torch.tensor([s["columns"][name] for s in samples], dtype=torch.float64)
+                for name in samples[0]["columns"]
+            }
         if samples and "text" in samples[0]:
             batch["text"] = torch.stack([s["text"] for s in samples])
         elif self.tokenizer is not None:

@@ -34,12 +34,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from cabs_streaming.concepts import Vocabulary, ragged_from_lists
+from cabs_streaming.concepts import ConceptCounts, Vocabulary, ragged_from_lists
 from cabs_streaming.selection import get_policy, select
 from cabs_streaming.selection.diversity import default_concept_cap
 from cabs_streaming.selection.sizes import superbatch_size
 
-__all__ = ["FIGURES", "POLICY_LABELS", "ConceptData", "concept_report", "read_concepts"]
+__all__ = [
+    "FIGURES",
+    "POLICY_LABELS",
+    "ConceptData",
+    "concept_report",
+    "count_concepts",
+    "read_concepts",
+]
 
 #: Policies compared, in plotting order, with the names the paper uses.
 POLICY_LABELS: dict[str, str] = {"iid": "IID", "diversity": "CABS-DM", "frequency": "CABS-FM"}
@@ -123,6 +130,22 @@ def read_concepts(
             f"({len(vocabulary)} names); the data and vocabulary do not belong together"
         )
     return ConceptData(vocabulary, offsets, ids, total)
+
+
+def count_concepts(data: ConceptData) -> ConceptCounts:
+    """The ``concept_counts.json`` of the samples read, as the converter counts written ones.
+
+    For a dataset converted before the converter wrote that file (``cabs-count-concepts``):
+    per concept id the samples holding it at least once and its instances.
+    """
+    size = len(data.vocabulary)
+    rows = np.repeat(np.arange(data.samples, dtype=np.int64), np.diff(data.offsets))
+    present = np.unique(rows * size + data.ids.astype(np.int64)) % size if size else data.ids
+    return ConceptCounts(
+        samples=np.bincount(present, minlength=size),
+        instances=np.bincount(data.ids, minlength=size),
+        written=data.samples,
+    )
 
 
 def draw_superbatches(samples: int, size: int, count: int, seed: int) -> list[np.ndarray]:

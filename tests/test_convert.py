@@ -270,6 +270,7 @@ def test_every_skip_reason_is_counted_with_example_keys(
         "missing image": 1,
         "missing concepts": 1,
         "over a size limit": 0,
+        "bad numeric": 0,
     }
     assert list(report["skipped"]) == list(SKIP_REASONS)
     examples = {r: [e["key"] for e in shown] for r, shown in report["examples"].items()}

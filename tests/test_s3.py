@@ -19,7 +19,7 @@ from helpers import sample_rows
 from paths import ROOT, SAMPLE
 from s3server import HOST, S3Server
 
-from cabs_streaming.concepts import Vocabulary, decode_concepts
+from cabs_streaming.concepts import ConceptCounts, Vocabulary, decode_concepts
 from cabs_streaming.config import load_config
 from cabs_streaming.converter import convert
 from cabs_streaming.dataset import ConceptStreamingDataset
@@ -131,9 +131,8 @@ def test_convert_uploads_shards_index_vocabulary_and_report(
     assert sum(uploaded["skipped"].values()) == 0
     keys = server.keys(BUCKET, PREFIX + "/")
     shards = [f"{PREFIX}/shard.{i:05d}.mds" for i in range(3)]  # 12 samples, at most 5 a shard
-    assert keys == sorted(
-        [f"{PREFIX}/index.json", f"{PREFIX}/report.json", f"{PREFIX}/vocabulary.json", *shards]
-    )
+    beside = ("index.json", "report.json", "vocabulary.json", "concept_counts.json")
+    assert keys == sorted([*(f"{PREFIX}/{name}" for name in beside), *shards])
 
     client = server.client()
 
@@ -148,6 +147,9 @@ def test_convert_uploads_shards_index_vocabulary_and_report(
     assert [s["samples"] for s in index["shards"]] == [5, 5, 2]
     vocabulary = Vocabulary.from_json(read("vocabulary.json"))
     assert vocabulary.names == Vocabulary.load(str(SAMPLE / "train")).names
+    counts = ConceptCounts.from_json(read("concept_counts.json"))
+    assert counts.samples.tolist() == uploaded["concepts"]["per_concept"]["samples"]
+    assert counts.written == COUNT
 
 
 def test_streaming_dataset_reads_back_the_source_from_s3(
@@ -166,6 +168,8 @@ def test_streaming_dataset_reads_back_the_source_from_s3(
     sample_vocabulary = Vocabulary.load(str(SAMPLE / "train"))
     assert dataset.vocabulary.names == sample_vocabulary.names
     assert dataset.num_samples == COUNT
+    assert dataset.concept_counts is not None and dataset.concept_counts.written == COUNT
+    assert (local / "concept_counts.json").is_file(), "the counts were downloaded too"
 
     by_index = [dataset[i] for i in range(COUNT)]
     iterated = list(dataset)

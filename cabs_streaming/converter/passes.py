@@ -20,7 +20,7 @@ from typing import Any
 
 from cabs_streaming import _internals
 from cabs_streaming.concepts import MDS_COLUMNS, encode_concepts, encode_scores
-from cabs_streaming.converter.judge import ConceptPolicy, Judge, image_verdict
+from cabs_streaming.converter.judge import ConceptPolicy, Judge, image_verdict, numeric_values
 from cabs_streaming.converter.progress import Ticker
 from cabs_streaming.converter.records import ConversionError, DamagedInput, ReadOptions, Record
 from cabs_streaming.converter.sources import read_records
@@ -64,7 +64,7 @@ def scan_file(task: tuple[Any, ...]) -> FileScan:
     A damaged file ends its scan quietly: the write pass meets the same damage and reports it.
     """
     path, opts, policy, spill, *rest = task
-    judge = Judge(policy, path, opts.limits)
+    judge = Judge(policy, path, opts.limits, opts.numeric_columns)
     tick = Ticker()
     scan = FileScan(path, 0, [])
     try:
@@ -107,10 +107,11 @@ def write_part(task: PartTask) -> Tally:
 
     tally = Tally()
     tick = Ticker()
-    writer = MDSWriter(columns=MDS_COLUMNS, out=task.out, **task.writer_kwargs)
+    columns = {**MDS_COLUMNS, **dict(task.opts.numeric_columns)}
+    writer = MDSWriter(columns=columns, out=task.out, **task.writer_kwargs)
     try:
         for path, duplicates, scanned, spill in task.files:
-            judge = Judge(task.policy, path, task.opts.limits)
+            judge = Judge(task.policy, path, task.opts.limits, task.opts.numeric_columns)
             records = 0
             try:
                 with readable(path, task.fetch) as local:
@@ -158,6 +159,7 @@ def _write_record(
         _internals.samples_in_open_shard(writer) >= task.max_samples_per_shard
     ):
         _internals.start_new_shard(writer)
+    numbers, _ = numeric_values(rec.numbers, task.opts.numeric_columns)  # checked by the judge
     writer.write(
         {
             "key": rec.key or rec.label,
@@ -166,6 +168,7 @@ def _write_record(
             "recaption": rec.recaption,
             "concepts": encode_concepts(ids),
             "concept_scores": encode_scores(rec.scores) if rec.scores else b"",
+            **numbers,
         }
     )
     tally.written += 1

@@ -23,7 +23,11 @@ SKIP_REASONS = (
     "missing image",
     "missing concepts",
     "over a size limit",
+    "bad numeric",
 )
+#: The skip reason of a ``--numeric-column`` value that is missing, null, not a number, NaN or
+#: infinite, or out of range for its type (never written as a silent 0).
+BAD_NUMERIC = "bad numeric"
 INVALID_UTF8 = "invalid utf-8"
 REPORT_FILENAME = "report.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -109,6 +113,8 @@ class Record:
     image_problem: str = "no image"  # why ``image`` is None
     image_reason: str = "missing image"  # the skip reason when ``image`` is None
     repaired: bool = False  # some text held invalid UTF-8, replaced with U+FFFD
+    # The raw values of the declared ``--numeric-column``s found (an absent name: not found).
+    numbers: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,8 @@ class ReadOptions:
     # Where a manifest's relative image paths live when the manifest was downloaded from there
     # (an ``s3://`` prefix: the Spark engine's inputs); None: beside the file being read.
     image_base: str | None = None
+    # ``--numeric-column``s: (name, MDS scalar encoding) pairs, written as columns of their own.
+    numeric_columns: tuple[tuple[str, str], ...] = ()
 
     @property
     def read_concepts(self) -> bool:

@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
+from cabs_streaming.concepts import CONCEPT_COUNTS_FILENAME, VOCABULARY_FILENAME
 from cabs_streaming.converter.api import (
     Job,
     build_job,
@@ -87,7 +88,14 @@ SPARK_FOLDER = ".cabs-spark"
 #: Bumped when what a part holds changes for the same inputs and options (old markers go stale).
 LAYOUT_VERSION = 1
 _PART = re.compile(r"^part-(\d{5})\.(a\d+-\d+)$")
-_OURS = {SPARK_FOLDER, LOCK_FOLDER, "index.json", "vocabulary.json", REPORT_FILENAME}
+_OURS = {
+    SPARK_FOLDER,
+    LOCK_FOLDER,
+    "index.json",
+    VOCABULARY_FILENAME,
+    CONCEPT_COUNTS_FILENAME,
+    REPORT_FILENAME,
+}
 #: Seconds one input download may take (a DataComp tar is about 1 GB).
 DOWNLOAD_TIMEOUT = 3600.0
 
@@ -360,7 +368,8 @@ def _prepare_output(store: Output, job: Job, overwrite: bool) -> bool:
     """Check ``out`` (locked) and mark it as this engine's; True when a job is resumed.
 
     An ``out`` holding ``.cabs-spark/`` is resumed: its report and index go (a dataset with a
-    report is complete), its parts are kept for the fingerprint check. Anything else in it is
+    report is complete; its concept counts are rewritten with it), its parts are kept for the
+    fingerprint check. Anything else in it is
     refused, or removed with ``overwrite``.
     """
     top = store.top()
@@ -383,7 +392,7 @@ def _prepare_output(store: Output, job: Job, overwrite: bool) -> bool:
                     f"input {inside[0]} lies inside --out {job.out}, which --overwrite would "
                     "delete; write the output elsewhere"
                 )
-        for name in [*foreign, REPORT_FILENAME, "index.json"]:
+        for name in [*foreign, REPORT_FILENAME, CONCEPT_COUNTS_FILENAME, "index.json"]:
             store.remove(name)
     elif check_output(job.out, overwrite, job.files):
         clear_folder(job.out)

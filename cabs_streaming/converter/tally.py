@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cabs_streaming.concepts import ConceptCounts
 from cabs_streaming.converter.records import INVALID_UTF8, SKIP_ALARM_SHARE, SKIP_REASONS
 from cabs_streaming.tagging import names_report
 
@@ -106,6 +107,15 @@ def concept_counts(tally: Tally, names: Sequence[str], shown: int = 10) -> dict[
     }
 
 
+def counts_of(tally: Tally, size: int) -> ConceptCounts:
+    """The ``concept_counts.json`` of a conversion: the report's ``per_concept`` lists."""
+    return ConceptCounts(
+        samples=[tally.concept_samples.get(i, 0) for i in range(size)],
+        instances=[tally.concept_instances.get(i, 0) for i in range(size)],
+        written=tally.written,
+    )
+
+
 def skip_alarm(report: dict[str, Any]) -> str | None:
     """Why a finished conversion should not look like a success, or None.
 
@@ -152,6 +162,7 @@ def build_report(tally: Tally, **facts: Any) -> dict[str, Any]:
         "workers": facts["workers"],
         "parts": facts["parts"],
         "limits": facts["limits"],
+        "numeric_columns": facts["numeric_columns"],
         "seconds": round(facts["seconds"], 3),
     }
     alarm = skip_alarm(report)

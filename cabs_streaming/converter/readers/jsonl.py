@@ -1,5 +1,7 @@
 """JSONL manifests of ``{"image", "caption", "concepts"}`` lines beside their image files.
 
+A ``--numeric-column NAME`` is the line's field ``NAME``.
+
 Image paths are relative to the manifest's folder and confined to it (``files.py``). An
 over-long line is skipped in bounded chunks, never held whole.
 """
@@ -61,6 +63,7 @@ def _manifest_record(
     if obj is None:
         rec.malformed = problem
         return
+    rec.numbers = {name: obj[name] for name, _ in opts.numeric_columns if name in obj}
     image_path = obj.get("image")
     if "key" in obj:
         rec.key, problem = json_key(obj["key"], "key")

@@ -1,5 +1,9 @@
 """Parquet files: image bytes, ``{bytes, path}`` structs or paths; concepts as lists or ids.
 
+A ``--numeric-column NAME`` is the row's cell of column ``NAME`` (an integer or floating-point
+column; a file without it, or with another type, cannot be converted, like a missing caption
+column); a null, NaN or out-of-range cell is a ``bad numeric`` skip.
+
 Columns are checked once per file against its Arrow schema (every problem in one error), then
 read in record batches of the needed columns only. A null concepts cell is an empty list, as
 Arrow writers commonly store empty lists. A file that stops reading keeps every row before it.
@@ -115,6 +119,7 @@ class _ParquetColumns:
     scalar_concepts: bool  # one integer id per row instead of a list
     image: str
     image_paths: bool  # the image column holds path strings
+    numeric: tuple[str, ...] = ()  # the --numeric-column names
 
 
 def _parquet_columns(path: str, schema: Any, opts: ReadOptions) -> _ParquetColumns:
@@ -143,6 +148,9 @@ def _parquet_columns(path: str, schema: Any, opts: ReadOptions) -> _ParquetColum
     check(opts.recaption_column, "--recaption-column", _is_text_type, text)
     key = opts.key_column or ("key" if "key" in names else None)
     check(key, "--key-column", lambda t: _is_text_type(t) or _pa_is_integer(t), "text or integers")
+    numeric = tuple(name for name, _ in opts.numeric_columns)
+    for name in numeric:
+        check(name, "--numeric-column", _is_numeric_type, "numbers (integer or floating point)")
     concepts = opts.concepts_column if opts.read_concepts else None
     kind = None
     if concepts is not None and concepts not in names:
@@ -175,6 +183,7 @@ def _parquet_columns(path: str, schema: Any, opts: ReadOptions) -> _ParquetColum
         scalar_concepts=kind == "scalar",
         image=opts.image_column,
         image_paths=_is_text_type(image_type) and not _pa_is_binary(image_type),
+        numeric=numeric,
     )
 
 
@@ -182,6 +191,13 @@ def _pa_is_integer(kind: Any) -> bool:
     import pyarrow as pa
 
     return bool(pa.types.is_integer(kind))
+
+
+def _is_numeric_type(kind: Any) -> bool:
+    """Arrow types a ``--numeric-column`` may have; each value is still checked (null, NaN...)."""
+    import pyarrow as pa
+
+    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind))
 
 
 def _pa_is_binary(kind: Any) -> bool:
@@ -224,7 +240,7 @@ def read_parquet(path: str, opts: ReadOptions, with_images: bool) -> Iterator[Re
         raise DamagedInput(f"not a readable parquet file ({err})") from err
     plan = _parquet_columns(path, parquet.schema_arrow, opts)
     key, caption, concepts, recaption = plan.key, plan.caption, plan.concepts, plan.recaption
-    columns = [c for c in (key, caption, concepts, recaption) if c]
+    columns = [c for c in (key, caption, concepts, recaption, *plan.numeric) if c]
     if with_images:
         columns.append(plan.image)
     columns = list(dict.fromkeys(columns))
@@ -244,6 +260,7 @@ def read_parquet(path: str, opts: ReadOptions, with_images: bool) -> Iterator[Re
                 )
                 rec.recaption = recaption_value or ""
                 rec.repaired = fixed or fixed_caption or fixed_re
+                rec.numbers = {name: values[name][j] for name in plan.numeric}
                 cell = values[concepts][j] if concepts else None
                 for entry in _concept_cell(cell, plan.scalar_concepts):
                     if isinstance(entry, bytes):

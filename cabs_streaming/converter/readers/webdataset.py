@@ -2,7 +2,8 @@
 
 A sample is a run of adjacent members sharing a key; its caption comes from the json's
 ``caption`` or else from a ``.txt`` (or ``.caption``) member; concepts from the json's
-``classes`` or ``tags`` or from a ``.cls`` member. The same member extension twice in a run
+``classes`` or ``tags`` or from a ``.cls`` member; a ``--numeric-column NAME`` from the json's
+``NAME`` field (missing without a json member). The same member extension twice in a run
 starts a new sample with the same key (a ``duplicate key`` skip). Members of a key seen earlier
 in the tar but not adjacent to it, with none of its extensions, are a fragment of that sample:
 they are ignored and the file is listed under ``errors``. A tar that ends early keeps every
@@ -247,6 +248,7 @@ def _webdataset_record(index: int, run: _TarSample, opts: ReadOptions) -> Record
             rec.malformed = problem
             return rec
         meta = parsed
+    rec.numbers = {name: meta[name] for name, _ in opts.numeric_columns if name in meta}
     if meta.get("uid") is not None:
         rec.key, problem = json_key(meta["uid"], "uid")
         if problem:
