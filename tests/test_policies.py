@@ -484,3 +484,66 @@ def test_new_policies_and_filters_are_world_invariant(batch, name):
                            seed=seed, step=step, columns={"score": values[order]})
     assert many.kept.tolist() == one.kept.tolist()
     assert n * world == len(lists)
+
+
+# ------------------------------------------------------------ filters across gloo processes
+
+#: Two ranks of 6 samples each; the score column is what the filters read.
+GLOO_LISTS = [[0], [1, 1], [], [2], [0, 3], [4], [5], [1], [2, 2, 2], [], [3], [0]]
+GLOO_SCORES = [0.9, 0.1, 0.8, np.nan, 0.7, 0.6, 0.2, 0.95, 0.3, 0.5, 0.4, 0.85]
+
+
+def _filter_worker(rank: int, port: int, outs: list[str]) -> None:
+    """One of two gloo ranks: gather ids and the score column, select with filters."""
+    import os
+
+    import torch
+    import torch.distributed as torch_dist
+
+    from cabs_streaming.algorithm import select_superbatch
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+        NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        mine = slice(rank * 6, rank * 6 + 6)
+        offsets, ids = ragged_from_lists(GLOO_LISTS[mine])
+        batch = {
+            "keys": [f"s{i}" for i in range(12)][mine],
+            "concept_offsets": torch.from_numpy(offsets),
+            "concept_ids": torch.from_numpy(ids),
+            "columns": {"score": torch.tensor(GLOO_SCORES[mine], dtype=torch.float64)},
+        }
+        policy = Filtered(get_policy("mixed"), (Filter("score", min=0.5),))
+        record = select_superbatch(batch, 7, policy=policy, filter_ratio=0.5, seed=3)
+        stand_in = record.stand_ins(rank).tolist()
+        torch.save(
+            {"kept": record.kept.tolist(), "stats": record.result.stats, "stand_ins": stand_in},
+            outs[rank],
+        )
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_filters_gather_their_column_across_gloo_ranks(tmp_path):
+    import torch
+    from helpers import free_port
+
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.multiprocessing.start_processes(
+        _filter_worker, args=(free_port(), outs), nprocs=2, start_method="spawn"
+    )
+    results = [torch.load(out, weights_only=False) for out in outs]
+    policy = Filtered(get_policy("mixed"), (Filter("score", min=0.5),))
+    columns = {"score": np.array(GLOO_SCORES)}
+    expected = run(policy, GLOO_LISTS, 2, 3, seed=3, step=7, columns=columns)
+    offsets, ids = ragged_from_lists(GLOO_LISTS)
+    for rank, result in enumerate(results):
+        assert result["kept"] == expected.kept.tolist()
+        assert result["stats"].filtered_out == expected.stats.filtered_out == 5
+        assert result["stats"].filter_shortfall == expected.stats.filter_shortfall
+        assert result["stand_ins"] == stand_ins(
+            policy, offsets, ids, 2, expected.kept, rank, 3, 7, columns=columns
+        ).tolist()
