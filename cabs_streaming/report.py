@@ -524,7 +524,7 @@ def _selection_caption(summary: dict[str, Any]) -> str:
     return (
         f"{sel['batches']} superbatches of {sel['superbatch_size']:,} drawn, "
         f"{sel['batch_size']:,} kept each (filter ratio {sel['filter_ratio']:g}); "
-        f"CABS-DM concept cap {sel['concept_cap']}; mixed λ = {sel['mixed_lambda']:g}, "
+        f"CABS-DM concept cap {sel['concept_cap']}\nmixed λ = {sel['mixed_lambda']:g}, "
         f"balanced t = {sel['balanced_threshold']:g}, CABS-DM α = {sel['dm_alpha']:g}"
     )
 
