@@ -7,8 +7,9 @@ an MDS dataset (local or ``s3://``) and writes a folder a person can open
 
 - ``concept_frequency.png``: samples per concept by rank, log-log, head and tail named;
 - ``concepts_per_sample.png``: instances per sample, with the share of samples without concepts;
-- ``distinct_per_batch.png``: distinct concepts per kept batch for IID, CABS-DM and CABS-FM on
-  the *same* superbatches (and the superbatch itself, the upper bound);
+- ``distinct_per_batch.png``: distinct concepts per kept batch for IID, CABS-DM, CABS-FM and the
+  newer policies (``mixed``, ``balanced``, CABS-DM with ``alpha`` targets) on the *same*
+  superbatches (and the superbatch itself, the upper bound);
 - ``kept_concepts.png``: how often each concept is kept under each policy, side by side, against
   what keeping every drawn sample with probability ``1 - f`` would give;
 - ``summary.json``: every number behind the figures.
@@ -18,6 +19,10 @@ samples read, cut into superbatches of ``n = k / (1 - f)``, a whole number (a ne
 when one runs out). Each superbatch goes through :func:`cabs_streaming.selection.select` with
 ``world=1``, ``step`` = its index, and the same seed for every policy, so the policies are
 compared on identical input. Only the concept column matters; images are never decoded.
+
+``balanced`` and CABS-DM's ``alpha`` targets need dataset-wide counts ``N_c``: the report uses
+the samples containing each concept among the samples it read (the whole dataset unless
+``max_samples`` cuts it), the counts its long-tail figure shows.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cabs_streaming.concepts import ConceptCounts, Vocabulary, ragged_from_lists
-from cabs_streaming.selection import get_policy, select
+from cabs_streaming.selection import DatasetFacts, SelectionPolicy, get_policy, select
 from cabs_streaming.selection.diversity import default_concept_cap
 from cabs_streaming.selection.sizes import superbatch_size
 
@@ -43,14 +48,31 @@ __all__ = [
     "FIGURES",
     "POLICY_LABELS",
     "ConceptData",
+    "build_policies",
     "concept_report",
     "count_concepts",
+    "default_balanced_threshold",
     "read_concepts",
 ]
 
-#: Policies compared, in plotting order, with the names the paper uses.
-POLICY_LABELS: dict[str, str] = {"iid": "IID", "diversity": "CABS-DM", "frequency": "CABS-FM"}
-_COLORS = {"iid": "#7f7f7f", "diversity": "#1f77b4", "frequency": "#d62728"}
+#: Policies compared, in plotting order, with the names the paper uses (and ours for the newer
+#: policies; ``diversity_alpha`` is CABS-DM with targets ``N_c ** alpha``).
+POLICY_LABELS: dict[str, str] = {
+    "iid": "IID",
+    "diversity": "CABS-DM",
+    "frequency": "CABS-FM",
+    "mixed": "mixed",
+    "balanced": "balanced",
+    "diversity_alpha": "CABS-DM α",
+}
+_COLORS = {
+    "iid": "#7f7f7f",
+    "diversity": "#1f77b4",
+    "frequency": "#d62728",
+    "mixed": "#9467bd",
+    "balanced": "#2ca02c",
+    "diversity_alpha": "#17becf",
+}
 FIGURES = (
     "concept_frequency.png",
     "concepts_per_sample.png",
@@ -60,6 +82,7 @@ FIGURES = (
 SUMMARY = "summary.json"
 _NAMED = 5  # head and tail concepts named in the long-tail figure
 _BARS_UP_TO = 40  # vocabularies up to this size get one bar per concept; larger ones a curve
+_NO_FILL = ("iid", "frequency")  # policies whose ranking always fills the batch itself
 
 
 @dataclass(frozen=True)
@@ -195,6 +218,40 @@ def _named(vocabulary: Vocabulary, counts: np.ndarray) -> dict[str, int]:
     return {vocabulary.names[i]: int(counts[i]) for i in order if counts[i] > 0}
 
 
+def default_balanced_threshold(containing: np.ndarray) -> float:
+    """The median number of samples per concept among the concepts present (1 if none is).
+
+    Half the used concepts are then never held back and the other half are thinned in
+    proportion to ``t / N_c``: a threshold at which ``balanced`` visibly balances any dataset,
+    where MetaCLIP's 20,000 (chosen for 400M pairs) would keep every sample of a small one.
+    """
+    present = containing[containing > 0]
+    return float(np.median(present)) if present.size else 1.0
+
+
+def build_policies(
+    cap: int,
+    mixed_lambda: float,
+    balanced_threshold: float,
+    dm_alpha: float,
+    facts: DatasetFacts,
+) -> dict[str, SelectionPolicy]:
+    """The compared policies by key of :data:`POLICY_LABELS`, bound to the dataset's facts.
+
+    The CABS-DM family (``diversity``, ``mixed``, ``diversity_alpha``) share ``cap`` so that
+    only the option under study differs.
+    """
+    policies = {
+        "iid": get_policy("iid"),
+        "diversity": get_policy("diversity", {"concept_cap": cap}),
+        "frequency": get_policy("frequency"),
+        "mixed": get_policy("mixed", {"concept_cap": cap, "lambda": mixed_lambda}),
+        "balanced": get_policy("balanced", {"threshold": balanced_threshold}),
+        "diversity_alpha": get_policy("diversity", {"concept_cap": cap, "alpha": dm_alpha}),
+    }
+    return {name: policy.bind(facts) for name, policy in policies.items()}
+
+
 def concept_report(
     dataset: str,
     out: str,
@@ -208,6 +265,9 @@ def concept_report(
     max_samples: int | None = None,
     progress: bool = True,
     data: ConceptData | None = None,
+    mixed_lambda: float = 1.0,
+    balanced_threshold: float | None = None,
+    dm_alpha: float = 0.5,
 ) -> dict[str, Any]:
     """Write the report folder ``out`` (figures and ``summary.json``); return the summary.
 
@@ -225,6 +285,11 @@ def concept_report(
         max_samples: Read only the first this many samples (bounds a remote download).
         progress: Show tqdm progress bars.
         data: Already-read concepts (skips reading ``dataset``, which then only names it).
+        mixed_lambda: ``mixed``'s ``lambda`` (0 is CABS-DM exactly).
+        balanced_threshold: ``balanced``'s ``t``; default :func:`default_balanced_threshold`
+            of the samples read.
+        dm_alpha: ``alpha`` of the CABS-DM variant with targets ``N_c ** alpha`` (0 is uniform,
+            i.e. CABS-DM itself; 1 the data's own distribution).
     """
     if batch_size < 1 or batches < 1:
         raise ValueError(f"--batch-size and --batches must be >= 1 (got {batch_size}, {batches})")
@@ -255,13 +320,14 @@ def concept_report(
         _distinct_pairs(offsets, ids, np.arange(data.samples))[:, 0], minlength=data.samples
     )
 
-    # The same superbatches through every policy.
+    # The same superbatches through every policy; N_c are the counts of the samples read.
+    if balanced_threshold is None:
+        balanced_threshold = default_balanced_threshold(containing)
+    facts = DatasetFacts(
+        concept_samples=containing, names=tuple(vocabulary.names), source=dataset
+    )
+    policies = build_policies(cap, mixed_lambda, balanced_threshold, dm_alpha, facts)
     drawn = draw_superbatches(data.samples, superbatch, batches, seed)
-    policies = {
-        "iid": get_policy("iid"),
-        "diversity": get_policy("diversity", {"concept_cap": cap}),
-        "frequency": get_policy("frequency"),
-    }
     results: dict[str, dict[str, Any]] = {
         name: {"distinct": [], "filled": [], "ms": [], "empty": [], "instances": 0,
                "kept": np.zeros(vocab, dtype=np.int64)}
@@ -325,6 +391,10 @@ def concept_report(
             "seed": seed,
             "world": 1,
             "concept_cap": cap,
+            "mixed_lambda": float(mixed_lambda),
+            "balanced_threshold": float(balanced_threshold),
+            "dm_alpha": float(dm_alpha),
+            "dataset_counts": "samples containing each concept among the samples read",
             "superbatch_distinct": {
                 "mean": float(np.mean(superbatch_distinct)),
                 "per_batch": superbatch_distinct,
@@ -333,6 +403,7 @@ def concept_report(
             "policies": {
                 name: {
                     "label": POLICY_LABELS[name],
+                    "config": policies[name].config(),
                     "distinct_per_batch": entry["distinct"],
                     "distinct_mean": float(np.mean(entry["distinct"])),
                     "distinct_min": int(np.min(entry["distinct"])),
@@ -470,7 +541,8 @@ def _selection_caption(summary: dict[str, Any]) -> str:
     return (
         f"{sel['batches']} superbatches of {sel['superbatch_size']:,} drawn, "
         f"{sel['batch_size']:,} kept each (filter ratio {sel['filter_ratio']:g}); "
-        f"CABS-DM concept cap {sel['concept_cap']}"
+        f"CABS-DM concept cap {sel['concept_cap']}\nmixed λ = {sel['mixed_lambda']:g}, "
+        f"balanced t = {sel['balanced_threshold']:g}, CABS-DM α = {sel['dm_alpha']:g}"
     )
 
 
@@ -480,13 +552,13 @@ def _plot_distinct(
     results: dict[str, dict[str, Any]],
     superbatch_distinct: list[int],
 ) -> None:
-    fig = _figure()
+    fig = _figure(12.0, 5.5)
     ax = fig.add_subplot()
     policies = summary["selection"]["policies"]
     series = [results[name]["distinct"] for name in POLICY_LABELS] + [superbatch_distinct]
     labels = [
         f"{POLICY_LABELS[name]}\n(fill chose {policies[name]['filled_share']:.0%})"
-        if name == "diversity" else POLICY_LABELS[name]
+        if name not in _NO_FILL else POLICY_LABELS[name]
         for name in POLICY_LABELS
     ] + ["whole superbatch\n(upper bound)"]
     colors = [_COLORS[name] for name in POLICY_LABELS] + ["#bcbd22"]
@@ -530,13 +602,15 @@ def _plot_kept(
     sel = summary["selection"]
     expected = drawn_presence * (1.0 - sel["filter_ratio"])
     vocab = len(vocabulary)
-    fig = _figure(max(10.0, 0.45 * vocab + 3) if vocab <= _BARS_UP_TO else 10.0, 5.5)
+    per_bar = 0.12 * len(POLICY_LABELS)
+    fig = _figure(max(10.0, per_bar * vocab + 3) if vocab <= _BARS_UP_TO else 10.0, 5.5)
     ax = fig.add_subplot()
     if vocab <= _BARS_UP_TO:
         x = np.arange(vocab)
         width = 0.8 / len(POLICY_LABELS)
+        centre = (len(POLICY_LABELS) - 1) / 2
         for j, name in enumerate(POLICY_LABELS):
-            ax.bar(x + (j - 1) * width, results[name]["kept"][by_frequency], width=width,
+            ax.bar(x + (j - centre) * width, results[name]["kept"][by_frequency], width=width,
                    color=_COLORS[name], label=POLICY_LABELS[name])
         ax.step(np.append(x, vocab) - 0.5, np.append(expected[by_frequency],
                 expected[by_frequency][-1]), where="post", color="black", linewidth=1,

@@ -2,7 +2,9 @@
 
 Every promised file is written and non-empty, and the summary's numbers agree with each other and
 with a direct count of the dataset. Only what holds by construction is asserted (which policy
-keeps more concepts on 3,000 samples over 20 concepts is not).
+keeps more concepts on 3,000 samples over 20 concepts is not): the newer policies' settings and
+defaults, ``balanced`` drawing only samples with concepts, and ``mixed`` at ``lambda = 0`` and
+CABS-DM at ``alpha = 0`` being CABS-DM.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from paths import SAMPLE
 from streaming import StreamingDataset
 
 from cabs_streaming.concepts import Vocabulary, decode_concepts
-from cabs_streaming.report import FIGURES, POLICY_LABELS, SUMMARY, concept_report, read_concepts
+from cabs_streaming.report import (
+    FIGURES,
+    POLICY_LABELS,
+    SUMMARY,
+    concept_report,
+    default_balanced_threshold,
+    read_concepts,
+)
 
 TRAIN = SAMPLE / "train"
 SETTINGS = {"filter_ratio": 0.75, "batch_size": 48, "batches": 6, "seed": 3, "concept_cap": 6}
@@ -96,6 +105,54 @@ def test_selection_numbers_hold_by_construction(report: tuple[Path, dict]) -> No
         assert policy["kept_presence_total"] <= policy["kept_instances"]
         assert 0.0 <= policy["kept_empty_share"] <= 1.0
     assert sel["policies"]["iid"]["filled_share"] == 0.0
+    assert set(POLICY_LABELS) >= {"iid", "diversity", "frequency", "mixed", "balanced",
+                                  "diversity_alpha"}
+
+
+def test_the_new_policies_settings_and_defaults_are_recorded(
+    report: tuple[Path, dict], direct_counts: list[list[int]]
+) -> None:
+    _, summary = report
+    sel = summary["selection"]
+    assert sel["mixed_lambda"] == 1.0 and sel["dm_alpha"] == 0.5
+    # Default threshold: the median number of samples per concept present (the dataset-wide
+    # counts are those of the samples read, here the whole sample).
+    containing = Counter(c for ids in direct_counts for c in set(ids))
+    assert sel["balanced_threshold"] == float(np.median(list(containing.values())))
+    assert default_balanced_threshold(np.zeros(3, dtype=np.int64)) == 1.0
+    configs = {name: policy["config"] for name, policy in sel["policies"].items()}
+    assert configs["mixed"] == {"name": "mixed", "concept_cap": SETTINGS["concept_cap"],
+                                "official_compat": False, "lambda": 1.0}
+    assert configs["balanced"] == {"name": "balanced", "threshold": sel["balanced_threshold"]}
+    assert configs["diversity_alpha"] == {"name": "diversity",
+                                          "concept_cap": SETTINGS["concept_cap"],
+                                          "official_compat": False, "alpha": 0.5}
+
+
+def test_balanced_draws_only_samples_with_concepts(report: tuple[Path, dict]) -> None:
+    _, summary = report
+    balanced = summary["selection"]["policies"]["balanced"]
+    # 3% of samples are empty: every superbatch of 192 has far more than 48 with concepts, and
+    # a sample without concepts has keep probability 0, so the draw decides the whole batch.
+    assert balanced["kept_empty_share"] == 0.0
+    assert balanced["filled_share"] == 0.0
+
+
+def test_mixed_at_lambda_0_and_dm_at_alpha_0_are_cabs_dm(report: tuple[Path, dict],
+                                                         tmp_path: Path) -> None:
+    _, summary = report
+    data = read_concepts(str(TRAIN), progress=False)
+    again = concept_report(str(TRAIN), str(tmp_path), progress=False, data=data,
+                           mixed_lambda=0.0, dm_alpha=0.0, **SETTINGS)
+    policies = again["selection"]["policies"]
+    assert again["selection"]["mixed_lambda"] == 0.0 and again["selection"]["dm_alpha"] == 0.0
+    for name in ("mixed", "diversity_alpha"):
+        for key in ("distinct_per_batch", "kept_instances", "kept_concepts", "filled_share"):
+            assert policies[name][key] == policies["diversity"][key], (name, key)
+    # The default run's DM is the same too (only the new policies' settings changed).
+    assert policies["diversity"]["kept_concepts"] == (
+        summary["selection"]["policies"]["diversity"]["kept_concepts"]
+    )
 
 
 def test_the_report_is_deterministic(report: tuple[Path, dict], tmp_path: Path) -> None:
@@ -135,3 +192,26 @@ def test_cli_writes_the_folder_and_reports_bad_arguments(
     assert "lower --batch-size" in capsys.readouterr().err
     assert main([str(TRAIN), "--out", str(tmp_path / "z"), "--filter-ratio", "1"]) == 2
     assert "filter_ratio must lie in [0, 1)" in capsys.readouterr().err
+
+
+def test_cli_passes_the_new_policies_options_and_refuses_bad_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cabs_streaming.cli.report import main
+
+    common = [str(TRAIN), "--batch-size", "16", "--batches", "2", "--max-samples", "400",
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "r"), "--mixed-lambda", "2.5",
+                 "--balanced-threshold", "40", "--dm-alpha", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["distinct_per_kept_batch"]) == set(POLICY_LABELS.values())
+    sel = json.loads((tmp_path / "r" / SUMMARY).read_text())["selection"]
+    assert (sel["mixed_lambda"], sel["balanced_threshold"], sel["dm_alpha"]) == (2.5, 40.0, 1.0)
+
+    for flag, value, message in (
+        ("--mixed-lambda", "-1", "lambda must be a finite number >= 0"),
+        ("--balanced-threshold", "0", "threshold must be a positive number"),
+        ("--dm-alpha", "2", "alpha must lie in [0, 1]"),
+    ):
+        assert main([*common, "--out", str(tmp_path / "bad"), flag, value]) == 2, flag
+        assert message in capsys.readouterr().err, flag

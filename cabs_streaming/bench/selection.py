@@ -10,6 +10,29 @@ Timings are medians of whole global selections (validation, policy, fill, statis
 process, after a warm-up that also compiles the numba kernels. Run it with one thread, e.g.
 ``NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 cabs-bench-selection`` (or
 ``python tools/bench_selection.py``); the kernels are single-threaded either way.
+
+Besides IID, CABS-FM, CABS-DM and its ``official_compat`` form, the default run times the newer
+policies on the same superbatch, each against the 5 ms budget of a global selection at this
+scale (``budget_ms``, ``within_budget``):
+
+- ``mixed``: ``mixed`` at ``lambda = 1``;
+- ``dm_alpha``: ``diversity`` with targets ``N_c ** 0.5``;
+- ``balanced``: MetaCLIP balancing with ``threshold`` the median of the dataset-wide counts
+  (``balanced_threshold``): half the concepts are never held back and the head is thinned,
+  so the draw really balances; MetaCLIP's own 20,000 would be below every count here (the
+  rarest concept has about 900 samples in 100M) and draw nearly like IID;
+- ``dm_filtered``: CABS-DM on the half of the superbatch with the highest value of a synthetic
+  column ``quality`` (``default_rng([seed, QUALITY_STREAM]).random(N)``, a stand-in for a CLIP
+  score), a ``Filtered`` wrapper with ``Filter("quality", top=0.5)``;
+- ``schedule_dm`` and ``schedule_fm``: a two-phase ``Schedule`` (CABS-DM until step
+  ``SCHEDULE_SWITCH``, then CABS-FM), timed at steps in each phase (the DM phase is the one
+  that matters for the budget; the FM phase shows the schedule's own overhead is small).
+
+Dataset-wide counts ``N_c`` (what ``dm_alpha`` and ``balanced`` bind to): for the generated
+superbatch, the *expected* number of samples containing each concept in a nominal dataset of
+``NOMINAL_DATASET`` (100M) samples drawn by the same generator (:func:`expected_counts`: the
+Zipf popularity through the same seeded permutation, independent of the superbatch drawn); for
+a ``--superbatch`` file, the superbatch's document frequencies scaled to 100M samples.
 """
 
 from __future__ import annotations
@@ -22,7 +45,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cabs_streaming.selection import select
+from cabs_streaming.selection import (
+    DatasetFacts,
+    Filter,
+    Filtered,
+    Schedule,
+    SelectionPolicy,
+    get_policy,
+    select,
+)
 
 VOCABULARY = 19_261
 WORLD = 4
@@ -40,6 +71,22 @@ POLICIES: dict[str, tuple[str, dict]] = {
     "dm": ("diversity", {}),
     "dm_compat": ("diversity", {"official_compat": True}),
 }
+#: The newer policies of the default run (module docstring), in output order.
+NEW_POLICIES = ("mixed", "dm_alpha", "balanced", "dm_filtered", "schedule_dm", "schedule_fm")
+#: The newer policies added to ``--sweep`` (cheap to build for any superbatch).
+SWEEP_NEW_POLICIES = ("mixed", "balanced")
+#: What one global selection of 4 x 5,120 may cost (milliseconds) to hide behind a step.
+BUDGET_MS = 5.0
+#: Samples of the nominal dataset whose expected concept counts stand in for ``N_c``.
+NOMINAL_DATASET = 100_000_000
+#: ``dm_alpha``'s exponent: targets in proportion to ``N_c ** DM_ALPHA``.
+DM_ALPHA = 0.5
+#: ``mixed``'s lambda.
+MIXED_LAMBDA = 1.0
+#: Seed stream of the synthetic ``quality`` column (``default_rng([seed, QUALITY_STREAM])``).
+QUALITY_STREAM = 0x9A
+#: The step at which the benchmark's schedule switches from CABS-DM to CABS-FM.
+SCHEDULE_SWITCH = 1_000
 
 
 def make_superbatch(
@@ -73,6 +120,87 @@ def make_superbatch(
     for e in np.flatnonzero(repeat):
         ids[e] = ids[source[e]]
     return offsets, ids
+
+
+def expected_counts(
+    seed: int = 0, vocabulary: int = VOCABULARY, samples: int = NOMINAL_DATASET
+) -> np.ndarray:
+    """Expected samples containing each concept id in ``samples`` samples of the generator.
+
+    A sample with concepts draws about ``1 + (MEAN_INSTANCES - 1) * (1 - REPEAT_PROBABILITY)``
+    fresh instances (repeats add no new concept), so it contains concept ``c`` with probability
+    ``1 - (1 - p_c) ** fresh`` for Zipf popularity ``p_c``; the ids go through the same
+    permutation as :func:`make_superbatch` (the first draw of ``default_rng(seed)``). An
+    approximation (the Poisson spread of lengths is ignored), deterministic and positive for
+    every concept: the dataset-wide ``N_c`` a trainer would read from ``concept_counts.json``.
+    """
+    popularity = 1.0 / np.arange(1, vocabulary + 1, dtype=np.float64) ** ZIPF_EXPONENT
+    popularity /= popularity.sum()
+    permutation = np.random.default_rng(seed).permutation(vocabulary)
+    fresh = 1.0 + (MEAN_INSTANCES - 1.0) * (1.0 - REPEAT_PROBABILITY)
+    share = (1.0 - EMPTY_SHARE) * (1.0 - (1.0 - popularity) ** fresh)
+    counts = np.zeros(vocabulary, dtype=np.float64)
+    counts[permutation] = np.round(samples * share)
+    return counts
+
+
+def scaled_counts(
+    offsets: np.ndarray, ids: np.ndarray, samples: int = NOMINAL_DATASET
+) -> np.ndarray:
+    """A ``--superbatch`` file's stand-in for ``N_c``: document frequency scaled to ``samples``."""
+    size = offsets.shape[0] - 1
+    vocabulary = int(ids.max()) + 1 if ids.size else 1
+    owner = np.repeat(np.arange(size, dtype=np.int64), np.diff(offsets))
+    pairs = np.unique(owner * vocabulary + ids.astype(np.int64))
+    doc_freq = np.bincount(pairs % vocabulary, minlength=vocabulary).astype(np.float64)
+    return np.round(doc_freq * samples / size)
+
+
+def quality_column(seed: int, size: int) -> np.ndarray:
+    """The synthetic numeric column ``dm_filtered`` filters on: uniform, seeded, float64 ``[N]``."""
+    return np.random.default_rng([seed, QUALITY_STREAM]).random(size)
+
+
+def balanced_threshold(counts: np.ndarray) -> float:
+    """``balanced``'s threshold: the median of the positive dataset-wide counts."""
+    positive = counts[counts > 0]
+    return float(np.median(positive)) if positive.size else 1.0
+
+
+def build_new_policies(
+    counts: np.ndarray, labels: tuple[str, ...] = NEW_POLICIES
+) -> dict[str, tuple[SelectionPolicy, int]]:
+    """Benchmark label -> (built and bound policy, first step to time) for ``labels``.
+
+    ``counts`` are the dataset-wide ``N_c`` (:func:`expected_counts`). Every label but
+    ``schedule_fm`` is timed from step 0; ``schedule_fm`` from ``SCHEDULE_SWITCH``, inside the
+    schedule's FM phase.
+    """
+    facts = DatasetFacts(
+        concept_samples=counts, names=tuple(f"c{i}" for i in range(counts.shape[0])),
+        source="the benchmark's expected counts",
+    )
+    schedule = Schedule.from_config(
+        [{"until": f"{SCHEDULE_SWITCH}ba", "policy": "diversity"}, {"policy": "frequency"}],
+        get_policy,
+    ).resolve(None, None)
+    builders = {
+        "mixed": lambda: (get_policy("mixed", {"lambda": MIXED_LAMBDA}), 0),
+        "dm_alpha": lambda: (get_policy("diversity", {"alpha": DM_ALPHA}), 0),
+        "balanced": lambda: (
+            get_policy("balanced", {"threshold": balanced_threshold(counts)}), 0
+        ),
+        "dm_filtered": lambda: (
+            Filtered(get_policy("diversity"), (Filter("quality", top=0.5),)), 0
+        ),
+        "schedule_dm": lambda: (schedule, 0),
+        "schedule_fm": lambda: (schedule, SCHEDULE_SWITCH),
+    }
+    built = {}
+    for label in labels:
+        policy, first = builders[label]()
+        built[label] = (policy.bind(facts), first)
+    return built
 
 
 def load_superbatch(path: Path) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -147,12 +275,14 @@ def sweep(
     The superbatch of a size is generated once (the module's Zipf generator over the 19,261
     concept vocabulary) and split rank-major over each world size; every rank keeps
     ``SWEEP_KEEP_SHARE`` of its samples. ``cpu_ms`` (thread CPU time, robust to other processes
-    on the machine) is the figure to compare; ``wall_ms`` is beside it.
+    on the machine) is the figure to compare; ``wall_ms`` is beside it. ``mixed`` and
+    ``balanced`` (:data:`SWEEP_NEW_POLICIES`, built as in the default run) are timed too.
     """
     import sys
 
     out = out or sys.stdout
     points = []
+    new_policies = build_new_policies(expected_counts(seed), SWEEP_NEW_POLICIES)
     for size in sizes:
         offsets, ids = make_superbatch(seed, world=1, per_rank=size)
         count = repeats or sweep_repeats(size)
@@ -189,6 +319,21 @@ def sweep(
                 wall, cpu = _time_calls(call, 1, count)
                 point[f"{label}_ms"] = round(wall, 3)
                 point[f"{label}_cpu_ms"] = round(cpu, 3)
+            for label, (built, _) in new_policies.items():
+
+                def call_built(
+                    step: int,
+                    built: SelectionPolicy = built,
+                    world: int = world,
+                    keep: int = keep,
+                    offsets: np.ndarray = offsets,
+                    ids: np.ndarray = ids,
+                ):
+                    return select(built, offsets, ids, world, keep, seed=seed, step=step)
+
+                wall, cpu = _time_calls(call_built, 1, count)
+                point[f"{label}_ms"] = round(wall, 3)
+                point[f"{label}_cpu_ms"] = round(cpu, 3)
             print(json.dumps(point), file=out, flush=True)
             points.append(point)
     return points
@@ -215,12 +360,17 @@ def plot_sweep(points: list[dict], path: Path) -> None:
         return next(p for p in points if p["superbatch"] == size and p["world"] == world)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
-    for label, name in (
+    plotted = (
         ("dm", "CABS-DM"),
         ("dm_compat", "CABS-DM official_compat"),
+        ("mixed", "mixed (lambda 1)"),
+        ("balanced", "balanced"),
         ("fm", "CABS-FM"),
         ("iid", "IID"),
-    ):
+    )
+    for label, name in plotted:
+        if f"{label}_cpu_ms" not in points[0]:
+            continue  # a sweep file written before the policy was timed
         (line,) = left.plot(
             sizes,
             [at(s, small)[f"{label}_cpu_ms"] for s in sizes],
@@ -261,7 +411,8 @@ def plot_sweep(points: list[dict], path: Path) -> None:
     for axis in (left, right):
         axis.set_xticks(sizes, [f"{s // 1024}k" for s in sizes])
         axis.minorticks_off()
-        axis.legend(fontsize=7)
+    left.legend(fontsize=6, ncol=2, loc="upper left")
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -308,17 +459,34 @@ def run(argv: list[str] | None = None) -> dict:
 
     if args.superbatch:
         offsets, ids, world, keep = load_superbatch(args.superbatch)
+        counts = scaled_counts(offsets, ids)
+        counts_source = f"document frequency of the superbatch x {NOMINAL_DATASET:,} / N"
     else:
         offsets, ids = make_superbatch(args.seed)
         world, keep = WORLD, KEEP
+        counts = expected_counts(args.seed)
+        counts_source = f"expected Zipf counts in {NOMINAL_DATASET:,} samples"
+    size = offsets.shape[0] - 1
+    columns = {"quality": quality_column(args.seed, size)}
+    runs: dict[str, tuple[SelectionPolicy | str, dict, int]] = {
+        label: (policy, options, 0) for label, (policy, options) in POLICIES.items()
+    }
+    for label, (built, first) in build_new_policies(counts).items():
+        runs[label] = (built, {}, first)
 
     results: dict = {"kept": {}}
     dumped: dict[str, list[list[int]]] = {}
     lengths = np.diff(offsets)
-    for label, (policy, options) in POLICIES.items():
+    for label, (policy, options, first) in runs.items():
 
-        def call(step: int, policy: str = policy, options: dict = options):
-            return select(policy, offsets, ids, world, keep, seed=args.seed, step=step, **options)
+        needs = not isinstance(policy, str) and policy.required_columns()
+
+        def call(step: int, policy=policy, options: dict = options, first: int = first,
+                 columns: dict | None = columns if needs else None):
+            return select(
+                policy, offsets, ids, world, keep, seed=args.seed, step=first + step,
+                columns=columns, **options,
+            )
 
         for step in range(args.warmup):
             call(step)
@@ -332,6 +500,8 @@ def run(argv: list[str] | None = None) -> dict:
         results[f"{label}_distinct"] = result.stats.kept_distinct
         kept_global = (result.kept + np.arange(world)[:, None] * (len(lengths) // world)).ravel()
         results[f"{label}_mean_instances"] = round(float(lengths[kept_global].mean()), 3)
+        results[f"{label}_filled"] = result.stats.filled
+        results[f"{label}_filter_shortfall"] = result.stats.filter_shortfall
         dumped[label] = result.kept.tolist()
 
     line = {
@@ -350,6 +520,12 @@ def run(argv: list[str] | None = None) -> dict:
             "iid_mean_instances",
         )
     }
+    for label in NEW_POLICIES:
+        for key in ("ms", "distinct", "mean_instances", "filled"):
+            line[f"{label}_{key}"] = results[f"{label}_{key}"]
+    line["dm_filtered_filter_shortfall"] = results["dm_filtered_filter_shortfall"]
+    line["budget_ms"] = BUDGET_MS
+    line["within_budget"] = {label: results[f"{label}_ms"] <= BUDGET_MS for label in NEW_POLICIES}
     line["settings"] = {
         "world": world,
         "per_rank": int(len(lengths) // world),
@@ -359,6 +535,13 @@ def run(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "seed": args.seed,
         "source": str(args.superbatch) if args.superbatch else "generated",
+        "dataset_counts": counts_source,
+        "mixed_lambda": MIXED_LAMBDA,
+        "dm_alpha": DM_ALPHA,
+        "balanced_threshold": balanced_threshold(counts),
+        "dm_filtered": "top 0.5 of a seeded uniform column 'quality'",
+        "schedule": f"diversity until {SCHEDULE_SWITCH}ba, then frequency; schedule_dm timed at "
+        f"steps from 0, schedule_fm from {SCHEDULE_SWITCH}",
     }
     print(json.dumps(line), flush=True)
     if args.dump_selection:

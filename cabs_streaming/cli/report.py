@@ -6,9 +6,11 @@ what each figure shows and how the superbatches are drawn)::
     cabs-report data/sample/train --out reports/sample --batch-size 64 --concept-cap 16
     S3_ENDPOINT_URL=... cabs-report s3://bucket/mds --out reports/mds --max-samples 200000
 
-Prints the summary's headline numbers as JSON; the folder holds ``concept_frequency.png``,
-``concepts_per_sample.png``, ``distinct_per_batch.png``, ``kept_concepts.png`` and
-``summary.json``.
+Besides IID, CABS-DM and CABS-FM the report shows ``mixed`` (``--mixed-lambda``), ``balanced``
+(``--balanced-threshold``, default the median count of the concepts present) and CABS-DM with
+targets ``N_c ** alpha`` (``--dm-alpha``). Prints the summary's headline numbers as JSON; the
+folder holds ``concept_frequency.png``, ``concepts_per_sample.png``,
+``distinct_per_batch.png``, ``kept_concepts.png`` and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(
         prog="cabs-report",
-        description="Concept statistics of an MDS dataset, and what IID, CABS-DM and CABS-FM "
-        "keep from the same superbatches: PNG figures and summary.json in --out.",
+        description="Concept statistics of an MDS dataset, and what IID, CABS-DM, CABS-FM, "
+        "mixed, balanced and CABS-DM with alpha targets keep from the same superbatches: PNG "
+        "figures and summary.json in --out.",
     )
     parser.add_argument("dataset", help="local MDS directory or remote prefix (s3://bucket/path)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
@@ -60,6 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
         "max(1, round(K * 10 / 1024)); raise it for small vocabularies)",
     )
     parser.add_argument(
+        "--mixed-lambda",
+        type=float,
+        default=1.0,
+        metavar="L",
+        help="lambda of the 'mixed' policy: DM gain + L x instances / longest (default: 1.0)",
+    )
+    parser.add_argument(
+        "--balanced-threshold",
+        type=float,
+        metavar="T",
+        help="threshold t of the 'balanced' policy (default: the median number of samples per "
+        "concept among the concepts present in the samples read)",
+    )
+    parser.add_argument(
+        "--dm-alpha",
+        type=float,
+        default=0.5,
+        metavar="A",
+        help="CABS-DM with targets in proportion to N_c ** A, shown beside plain CABS-DM; "
+        "A in [0, 1] (default: 0.5)",
+    )
+    parser.add_argument(
         "--max-samples",
         type=int,
         metavar="N",
@@ -84,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             split=args.split,
             max_samples=args.max_samples,
             progress=not args.no_progress,
+            mixed_lambda=args.mixed_lambda,
+            balanced_threshold=args.balanced_threshold,
+            dm_alpha=args.dm_alpha,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"cabs-report: error: {err}", file=sys.stderr)
