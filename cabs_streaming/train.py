@@ -233,7 +233,7 @@ class _Start:
 
 def dataset_facts(dataset: Any) -> DatasetFacts:
     """What policies may need to know of the whole training set: counts and names."""
-    counts = getattr(dataset, "concept_counts", None)
+    counts = dataset.concept_counts
     return DatasetFacts(
         concept_samples=None if counts is None else counts.samples,
         names=tuple(dataset.vocabulary.names),
@@ -419,6 +419,11 @@ def build_run(cfg: RunConfig, command: list[str] | None = None) -> Run:
     try:
         policy = policy.bind(dataset_facts(dataset))
     except ValueError as err:  # e.g. balanced on data converted without concept counts
+        if dataset.concept_counts is None:  # say which stream lacks them and how to add them
+            try:
+                dataset.require_concept_counts(f"selection: {err}")
+            except ValueError as missing:
+                raise ConfigError(str(missing)) from err
         raise ConfigError(f"selection: {err}") from err
     loader = LookaheadDataLoader(
         dataset,
