@@ -138,11 +138,22 @@ def weighted_concept_table(doc_freq: np.ndarray, weights: np.ndarray, b: int, ca
             members[j] = c
             remainder[j] = whole - q  # ascending order = largest remainder first
             j += 1
-    left = b - given
+    left = min(b - given, present)
     if left > 0:
-        order = np.argsort(remainder, kind="mergesort")  # stable: ties keep the lower id first
-        for i in range(min(left, present)):
-            table[members[order[i]], _TARGET] += 1.0
+        # The ``left`` largest remainders, ties to the lower id, by a selection rather than a
+        # sort: the ``left``-th smallest ``floor - q`` is the threshold; everything below it
+        # gets +1, and of the ties at it the lowest ids (``members`` ascends) as many as remain.
+        threshold = np.partition(remainder, left - 1)[left - 1]
+        ties = left
+        for i in range(present):
+            ties -= remainder[i] < threshold
+        for i in range(present):
+            r = remainder[i]
+            if r < threshold:
+                table[members[i], _TARGET] += 1.0
+            elif r == threshold and ties > 0:
+                table[members[i], _TARGET] += 1.0
+                ties -= 1
     total = 0
     for i in range(present):
         c = members[i]
