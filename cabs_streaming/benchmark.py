@@ -69,6 +69,9 @@ RECIPES: dict[str, str] = {
     "cabs-dm": "CABS-DM",
     "cabs-dm-compat": "CABS-DM (reference form)",
     "cabs-fm": "CABS-FM",
+    "cabs-mixed-0.5": "mixed, lambda = 0.5",
+    "cabs-mixed-2": "mixed, lambda = 2",
+    "cabs-dm-then-fm": "schedule: CABS-DM, then CABS-FM from 0.5dur",
 }
 #: Metrics of a run, in table order, with their column titles.
 METRICS: dict[str, str] = {
