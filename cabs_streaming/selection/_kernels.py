@@ -50,8 +50,9 @@ def distinct_lists(offsets: np.ndarray, ids: np.ndarray, num_concepts: int):
     pos = 0
     for g in range(n):
         mark = np.int32(g)
-        for e in range(offsets[g], offsets[g + 1]):
-            c = ids[e]
+        # Unsigned indices: numba then emits no negative-index wrap code in this hot loop.
+        for e in range(np.uint64(offsets[g]), np.uint64(offsets[g + 1])):
+            c = np.uint32(ids[e])
             new = last[c] != mark  # branch-free: repeats are frequent and unpredictable
             last[c] = mark
             doc_freq[c] += new
@@ -262,11 +263,11 @@ def _gain_from_terms(g: int, offsets: np.ndarray, ids: np.ndarray, terms: np.nda
     cap stores NaN, which the sum propagates, so the result is NaN exactly when :func:`_gain`'s
     is; otherwise the terms are added in list order, so the bits are :func:`_gain`'s too.
     """
-    start = offsets[g]
-    end = offsets[g + 1]
+    start = offsets[np.uint64(g)]
+    end = offsets[np.uint64(g) + np.uint64(1)]
     total = 0.0
-    for e in range(start, end):
-        total += terms[ids[e]]
+    for e in range(np.uint64(start), np.uint64(end)):  # unsigned: no negative-index wrap code
+        total += terms[np.uint32(ids[e])]
     return total / (end - start)
 
 
@@ -423,8 +424,8 @@ def lazy_greedy(
             # Store every concept's term for the counts the table starts with (0 in both
             # forms) and sum them in list order: the same bits _gain computes.
             total = 0.0
-            for e in range(start, end):
-                c = ids[e]
+            for e in range(np.uint64(start), np.uint64(end)):  # unsigned: no wrap code
+                c = np.uint32(ids[e])
                 if table[c, COUNT] == 0.0 and table[c, _TARGET] > 0.0 and fcap > 0.0:
                     # _term without its division: (t - 0) / t is exactly 1.0
                     term = 1.0 + table[c, _INV_FREQ]
@@ -589,8 +590,8 @@ def kept_statistics(
         end = offsets[g + 1]
         empty += end == start
         instances += end - start
-        for e in range(start, end):
-            c = ids[e]
+        for e in range(np.uint64(start), np.uint64(end)):  # unsigned: no wrap code
+            c = np.uint32(ids[e])
             count[c] += last[c] != mark
             last[c] = mark
     distinct = 0
