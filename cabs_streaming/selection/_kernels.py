@@ -292,8 +292,8 @@ def _take(
 ):
     """Keep sample ``g``: count its concepts and bring their stored terms up to date."""
     kept[g] = True
-    for e in range(offsets[g], offsets[g + 1]):
-        c = ids[e]
+    for e in range(np.uint64(offsets[g]), np.uint64(offsets[g + 1])):  # unsigned: no wrap code
+        c = np.uint32(ids[e])
         table[c, COUNT] += 1.0
         terms[c] = _term(table, c, cap, over_value)
 
@@ -347,11 +347,12 @@ def _admit(
         return size
     b = _bucket(gain, low, scale, buckets)
     if b == active:
-        heap[size, 0] = gain
-        heap[size, 1] = g
+        top = np.uint64(size)
+        heap[top, 0] = gain
+        heap[top, 1] = g
         return size + 1
-    link[h] = head[b]
-    head[b] = np.int32(h)
+    link[np.uint64(h)] = head[np.uint64(b)]
+    head[np.uint64(b)] = np.int32(h)
     return size
 
 
@@ -440,7 +441,7 @@ def lazy_greedy(
                 continue
             b = _bucket(gain, low, scale, buckets)
             bucket_of[h] = b
-            segment[b + 1] += 1
+            segment[np.uint64(b) + np.uint64(1)] += 1
     for b in range(buckets):
         segment[b + 1] += segment[b]
     cursor = segment[:-1].copy()
@@ -448,8 +449,9 @@ def lazy_greedy(
     for h in range(local):
         b = bucket_of[h]
         if b >= 0:
-            members[cursor[b]] = h
-            cursor[b] += 1
+            slot = np.uint32(b)
+            members[np.uint64(cursor[slot])] = h
+            cursor[slot] += 1
     link = np.empty(local, dtype=np.int32)
     head = np.full(buckets, -1, dtype=np.int32)
 
@@ -470,7 +472,7 @@ def lazy_greedy(
                 active -= 1
             if active < 0:
                 break
-            for m in range(segment[active], segment[active + 1]):
+            for m in range(np.uint64(segment[active]), np.uint64(segment[active + 1])):
                 size = _admit(
                     members[m], first, offsets, ids, n_per_rank, quota, terms, low, scale,
                     buckets, active, link, head, heap, size, any_full, bonus,
@@ -478,7 +480,7 @@ def lazy_greedy(
             h = head[active]
             head[active] = -1
             while h != -1:
-                following = link[h]
+                following = link[np.uint64(h)]
                 size = _admit(
                     h, first, offsets, ids, n_per_rank, quota, terms, low, scale, buckets,
                     active, link, head, heap, size, any_full, bonus,
