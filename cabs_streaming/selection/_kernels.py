@@ -83,24 +83,25 @@ def concept_table(doc_freq: np.ndarray, b: int, cap: int):
         return table, 0
     base = min(b // present, cap)
     extra = b % present if base < cap else 0
+    # Present and absent concepts interleave at random, so the loops below compute every row
+    # without branching on it (an absent concept multiplies out to zeros).
     total = 0
+    seen = 0  # present concepts before c
     for c in range(v):
-        if doc_freq[c] > 0:
-            t = base
-            if extra > 0:
-                t += 1
-                extra -= 1
-            t = min(max(t, 1), cap)
-            table[c, _TARGET] = t
-            table[c, _INV_FREQ] = 1.0 / doc_freq[c]
-            total += t
+        f = doc_freq[c]
+        here = np.int64(f > 0)
+        t = min(max(base + np.int64(seen < extra), 1), cap) * here
+        seen += here
+        table[c, _TARGET] = t
+        table[c, _INV_FREQ] = np.float64(here) / max(f, 1)
+        total += t
     if total > b:
         for c in range(v):
             scaled = np.int64(table[c, _TARGET]) * b
             if scaled >= total:
                 table[c, _TARGET] = min(scaled // total, cap)
-            elif scaled > 0:  # floor(t_c * b / sum) is 0: max(1, 0)
-                table[c, _TARGET] = 1.0
+            else:  # floor(t_c * b / sum) is 0: max(1, 0) if present, 0 if absent
+                table[c, _TARGET] = np.float64(scaled > 0)
     return table, present
 
 
