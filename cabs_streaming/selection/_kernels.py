@@ -713,7 +713,7 @@ def _kth_smallest_key(values: np.ndarray, count: int, m: int) -> float:
     """
     histogram = np.zeros(count, dtype=np.int64)
     for i in range(count):
-        histogram[min(int(values[i] * count), count - 1)] += 1
+        histogram[np.uint64(min(int(values[i] * count), count - 1))] += 1  # unsigned: no wrap
     below = 0
     bucket = 0
     while below + histogram[bucket] < m:
@@ -722,7 +722,7 @@ def _kth_smallest_key(values: np.ndarray, count: int, m: int) -> float:
     inside = np.empty(histogram[bucket], dtype=np.float64)
     j = 0
     for i in range(count):
-        if min(int(values[i] * count), count - 1) == bucket:
+        if min(int(values[i] * count), count - 1) == bucket:  # rare: about one key matches
             inside[j] = values[i]
             j += 1
     inside.sort()
@@ -742,18 +742,18 @@ def _take_lowest(keys: np.ndarray, idx: np.ndarray, count: int, m: int, buffer, 
             kept[idx[i]] = True
         return count
     for i in range(count):
-        buffer[i] = keys[idx[i]]
+        buffer[i] = keys[np.uint64(idx[i])]
     threshold = _kth_smallest_key(buffer, count, m)
     ties = m
     for i in range(count):
         ties -= buffer[i] < threshold
     for i in range(count):
+        # Without branches: whether a key is below the threshold is a coin toss.
         u = buffer[i]
-        if u < threshold:
-            kept[idx[i]] = True
-        elif u == threshold and ties > 0:
-            kept[idx[i]] = True
-            ties -= 1
+        tie = u == threshold and ties > 0
+        ties -= tie
+        j = np.uint64(idx[i])
+        kept[j] = kept[j] | (u < threshold) | tie
     return m
 
 
@@ -795,18 +795,29 @@ def fill_in_order(
         n_empty = 0
         n_other = 0
         n_failed = 0
-        for g in range(r * n, (r + 1) * n):
-            if kept[g]:
-                continue
-            if filtered and not allowed[g]:
-                failed[n_failed] = g
-                n_failed += 1
-            elif offsets[g] == offsets[g + 1]:
-                empty[n_empty] = g
-                n_empty += 1
-            else:
-                other[n_other] = g
-                n_other += 1
+        if filtered:
+            for g in range(r * n, (r + 1) * n):
+                if kept[g]:
+                    continue
+                if not allowed[g]:
+                    failed[n_failed] = g
+                    n_failed += 1
+                elif offsets[g] == offsets[g + 1]:
+                    empty[n_empty] = g
+                    n_empty += 1
+                else:
+                    other[n_other] = g
+                    n_other += 1
+        else:
+            # Without branches (kept or not is a coin toss): every index is written to both
+            # lists, and only the list it belongs to advances over it.
+            for g in range(r * n, (r + 1) * n):
+                open_ = not kept[g]
+                blank = offsets[g] == offsets[g + 1]
+                empty[np.uint64(n_empty)] = g
+                other[np.uint64(n_other)] = g
+                n_empty += open_ and blank
+                n_other += open_ and not blank
         taken = _take_lowest(keys, empty, n_empty, need, buffer, kept)
         if taken < need:
             taken += _take_lowest(keys, other, n_other, need - taken, buffer, kept)
