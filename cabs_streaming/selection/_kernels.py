@@ -83,8 +83,8 @@ def concept_table(doc_freq: np.ndarray, b: int, cap: int):
         return table, 0
     base = min(b // present, cap)
     extra = b % present if base < cap else 0
-    # Present and absent concepts interleave at random, so the loops below compute every row
-    # without branching on it (an absent concept multiplies out to zeros).
+    # Present and absent concepts interleave at random, so this loop computes every row
+    # without branching on which it is (an absent concept multiplies out to zeros).
     total = 0
     seen = 0  # present concepts before c
     for c in range(v):
