@@ -95,15 +95,19 @@ class Superbatch:
                 f"offsets must start at 0 and end at len(ids) = {ids_in.shape[0]}; "
                 f"got {offsets[0]} and {offsets[-1]}"
             )
-        if np.any(offsets[1:] < offsets[:-1]):
+        if ids_in.size and ids_in.dtype in (np.int32, np.int64):  # the common case: compiled
+            ordered, lo, hi = _kernels.ragged_bounds(offsets, np.ascontiguousarray(ids_in))
+        else:
+            ordered = not np.any(offsets[1:] < offsets[:-1])
+            lo = int(ids_in.min()) if ids_in.size else 0
+            hi = int(ids_in.max()) if ids_in.size else -1
+        if not ordered:
             raise ValueError("offsets must be non-decreasing (a sample cannot have negative size)")
         size = offsets.shape[0] - 1
         if size % world:
             raise ValueError(
                 f"the global superbatch of {size} samples does not split over world={world} ranks"
             )
-        lo = int(ids_in.min()) if ids_in.size else 0
-        hi = int(ids_in.max()) if ids_in.size else -1
         if lo < 0:
             raise ValueError(f"concept ids must be >= 0, found {lo}")
         if num_concepts is None:
