@@ -30,7 +30,7 @@ _MIN_BUCKETS = 16
 #: No gain exceeds 2: a term is at most ``(t - 0) / t + 1 / 1``.
 _MAX_GAIN = 2.0
 #: "No bonus" / "no filter" for the kernels' optional per-sample arrays (numba needs an array).
-_NO_BONUS = np.zeros(0, dtype=np.float64)
+NO_BONUS = np.zeros(0, dtype=np.float64)
 NO_FILTER = np.zeros(0, dtype=np.bool_)
 
 
@@ -587,7 +587,7 @@ def per_rank_greedy(
             table[ids[e], COUNT] = 0.0
         picks += lazy_greedy(
             offsets, ids, rank * n, (rank + 1) * n, n, quota, table, cap, over_value, kept,
-            _NO_BONUS, allowed,
+            NO_BONUS, allowed,
         )
     return picks
 

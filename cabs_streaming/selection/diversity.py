@@ -90,7 +90,7 @@ def diversity_keep(
     if not official_compat:
         cap = concept_cap if concept_cap is not None else default_concept_cap(sb.world * k)
         table, present = _table(sb, doc_freq, sb.world * k, cap, target_weights)
-        extra = _kernels._NO_BONUS if bonus is None else bonus
+        extra = _kernels.NO_BONUS if bonus is None else bonus
         _kernels.lazy_greedy(
             d_offsets, d_ids, 0, sb.size, n, quota, table, cap, 0.0, kept, extra, allowed
         )
@@ -136,7 +136,7 @@ def diversity_reserve(
         counted = np.zeros_like(kept)
         counted[rank * n : (rank + 1) * n] = kept[rank * n : (rank + 1) * n]
         over = REFERENCE_OVER_TARGET
-    extra = _kernels._NO_BONUS if bonus is None else bonus
+    extra = _kernels.NO_BONUS if bonus is None else bonus
     scores = _kernels.reserve_scores(
         offsets, ids, rank * n, (rank + 1) * n, kept, counted, table, cap, over, extra
     )
