@@ -92,6 +92,9 @@ _COLORS = {
     "cabs-dm": "#1f77b4",
     "cabs-dm-compat": "#17becf",
     "cabs-fm": "#d62728",
+    "cabs-mixed-0.5": "#ff7f0e",
+    "cabs-mixed-2": "#2ca02c",
+    "cabs-dm-then-fm": "#9467bd",
 }
 
 
