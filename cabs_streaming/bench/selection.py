@@ -167,6 +167,17 @@ def balanced_threshold(counts: np.ndarray) -> float:
     return float(np.median(positive)) if positive.size else 1.0
 
 
+def timed_policies(
+    counts: np.ndarray, labels: tuple[str, ...] = NEW_POLICIES
+) -> dict[str, tuple[SelectionPolicy, int]]:
+    """Every policy a run times, built: :data:`POLICIES`, then the newer ``labels``.
+
+    Label -> (policy, first step to time), as :func:`build_new_policies` gives the newer ones.
+    """
+    timed = {label: (get_policy(name, options), 0) for label, (name, options) in POLICIES.items()}
+    return {**timed, **build_new_policies(counts, labels)}
+
+
 def build_new_policies(
     counts: np.ndarray, labels: tuple[str, ...] = NEW_POLICIES
 ) -> dict[str, tuple[SelectionPolicy, int]]:
@@ -282,7 +293,7 @@ def sweep(
 
     out = out or sys.stdout
     points = []
-    new_policies = build_new_policies(expected_counts(seed), SWEEP_NEW_POLICIES)
+    timed = timed_policies(expected_counts(seed), SWEEP_NEW_POLICIES)
     for size in sizes:
         offsets, ids = make_superbatch(seed, world=1, per_rank=size)
         count = repeats or sweep_repeats(size)
@@ -301,27 +312,9 @@ def sweep(
                 "repeats": count,
                 "all_gather_bytes_per_rank": all_gather_bytes(offsets, world),
             }
-            for label, (policy, options) in POLICIES.items():
+            for label, (built, _) in timed.items():
 
                 def call(
-                    step: int,
-                    policy: str = policy,
-                    options: dict = options,
-                    world: int = world,
-                    keep: int = keep,
-                    offsets: np.ndarray = offsets,
-                    ids: np.ndarray = ids,
-                ):
-                    return select(
-                        policy, offsets, ids, world, keep, seed=seed, step=step, **options
-                    )
-
-                wall, cpu = _time_calls(call, 1, count)
-                point[f"{label}_ms"] = round(wall, 3)
-                point[f"{label}_cpu_ms"] = round(cpu, 3)
-            for label, (built, _) in new_policies.items():
-
-                def call_built(
                     step: int,
                     built: SelectionPolicy = built,
                     world: int = world,
@@ -331,7 +324,7 @@ def sweep(
                 ):
                     return select(built, offsets, ids, world, keep, seed=seed, step=step)
 
-                wall, cpu = _time_calls(call_built, 1, count)
+                wall, cpu = _time_calls(call, 1, count)
                 point[f"{label}_ms"] = round(wall, 3)
                 point[f"{label}_cpu_ms"] = round(cpu, 3)
             print(json.dumps(point), file=out, flush=True)
@@ -468,24 +461,19 @@ def run(argv: list[str] | None = None) -> dict:
         counts_source = f"expected Zipf counts in {NOMINAL_DATASET:,} samples"
     size = offsets.shape[0] - 1
     columns = {"quality": quality_column(args.seed, size)}
-    runs: dict[str, tuple[SelectionPolicy | str, dict, int]] = {
-        label: (policy, options, 0) for label, (policy, options) in POLICIES.items()
-    }
-    for label, (built, first) in build_new_policies(counts).items():
-        runs[label] = (built, {}, first)
+    runs = timed_policies(counts)
 
     results: dict = {"kept": {}}
     dumped: dict[str, list[list[int]]] = {}
     lengths = np.diff(offsets)
-    for label, (policy, options, first) in runs.items():
+    for label, (policy, first) in runs.items():
+        needs = columns if policy.required_columns() else None
 
-        needs = not isinstance(policy, str) and policy.required_columns()
-
-        def call(step: int, policy=policy, options: dict = options, first: int = first,
-                 columns: dict | None = columns if needs else None):
+        def call(step: int, policy: SelectionPolicy = policy, first: int = first,
+                 columns: dict | None = needs):
             return select(
                 policy, offsets, ids, world, keep, seed=args.seed, step=first + step,
-                columns=columns, **options,
+                columns=columns,
             )
 
         for step in range(args.warmup):
