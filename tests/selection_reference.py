@@ -44,11 +44,16 @@ def greedy(
     quota: list[int],
     n: int,
     kept: set[int],
+    bonus: list[float] | None = None,
+    allowed: list[bool] | None = None,
 ) -> None:
+    """The greedy; ``bonus`` is ``mixed``'s fixed per-sample term, ``allowed`` the filters'."""
     while True:
         best: tuple[float, int] | None = None
         for g in candidates:
             if g in kept or quota[g // n] == 0 or not entries[g]:
+                continue
+            if allowed is not None and not allowed[g]:
                 continue
             if any(counts[c] >= cap for c in entries[g]):
                 continue
@@ -58,7 +63,7 @@ def greedy(
                     total += (t[c] - counts[c]) / t[c] + 1 / doc_freq[c]
                 else:
                     total += over_value
-            gain = total / len(entries[g])
+            gain = total / len(entries[g]) + (bonus[g] if bonus is not None else 0.0)
             if best is None or gain > best[0]:  # ascending scan: ties keep the lower index
                 best = (gain, g)
         if best is None:
@@ -71,19 +76,24 @@ def greedy(
 
 
 def fill(
-    lists: list[list[int]], world: int, k: int, seed: int, step: int, kept: set[int]
+    lists: list[list[int]], world: int, k: int, seed: int, step: int, kept: set[int],
+    allowed: list[bool] | None = None,
 ) -> None:
+    """Empty samples first, then the others, each in the seeded order; with filters both
+    groups hold passing samples only and the failing ones come last."""
     n = len(lists) // world
+    allowed = allowed if allowed is not None else [True] * len(lists)
     for rank in range(world):
-        local_kept = [j for j in range(n) if rank * n + j in kept]
-        need = k - len(local_kept)
-        if need == 0:
-            continue
+        need = k - sum(1 for j in range(n) if rank * n + j in kept)
         order = seeded_order(seed, step, len(lists), rank, n)
-        empty = [j for j in order if rank * n + j not in kept and not lists[rank * n + j]]
-        others = [j for j in order if rank * n + j not in kept and lists[rank * n + j]]
-        for group in (empty, others):
-            take = group[:need]
+        free = [j for j in order if rank * n + j not in kept]
+        groups = (
+            [j for j in free if allowed[rank * n + j] and not lists[rank * n + j]],
+            [j for j in free if allowed[rank * n + j] and lists[rank * n + j]],
+            [j for j in free if not allowed[rank * n + j]],
+        )
+        for group in groups:
+            take = group[: max(0, need)]
             for j in take:
                 kept.add(rank * n + j)
             need -= len(take)
@@ -102,23 +112,18 @@ def diversity(
     concept_cap: int | None = None,
     official_compat: bool = False,
 ) -> list[list[int]]:
-    size = len(lists)
-    n = size // world
+    if not official_compat:
+        return general_dm(lists, world, k, seed, step, concept_cap)
+    n = len(lists) // world
     distinct = [list(dict.fromkeys(items)) for items in lists]
     doc_freq = dict(Counter(c for items in distinct for c in items))
     kept: set[int] = set()
     quota = [k] * world
-    if not official_compat:
-        b = world * k
-        cap = concept_cap if concept_cap is not None else max(1, round(b * 10 / 1024))
-        t = targets(doc_freq, b, cap)
-        greedy(list(range(size)), distinct, Counter(), t, doc_freq, cap, 0.0, quota, n, kept)
-    else:
-        cap = concept_cap if concept_cap is not None else 10
-        t = targets(doc_freq, k, cap)
-        for rank in range(world):
-            candidates = list(range(rank * n, (rank + 1) * n))
-            greedy(candidates, lists, Counter(), t, doc_freq, cap, -0.5, quota, n, kept)
+    cap = concept_cap if concept_cap is not None else 10
+    t = targets(doc_freq, k, cap)
+    for rank in range(world):
+        candidates = list(range(rank * n, (rank + 1) * n))
+        greedy(candidates, lists, Counter(), t, doc_freq, cap, -0.5, quota, n, kept)
     fill(lists, world, k, seed, step, kept)
     return to_local(kept, world, n)
 
@@ -160,65 +165,6 @@ def targets_weighted(
     return t
 
 
-def greedy_general(
-    candidates: list[int],
-    entries: list[list[int]],
-    t: dict[int, int],
-    doc_freq: dict[int, int],
-    cap: int,
-    quota: list[int],
-    n: int,
-    kept: set[int],
-    bonus: list[float],
-    allowed: list[bool],
-) -> None:
-    """The default-form greedy with a fixed per-sample ``bonus`` and the filters' ``allowed``."""
-    counts: Counter = Counter()
-    while True:
-        best: tuple[float, int] | None = None
-        for g in candidates:
-            if g in kept or quota[g // n] == 0 or not entries[g] or not allowed[g]:
-                continue
-            if any(counts[c] >= cap for c in entries[g]):
-                continue
-            total = 0.0
-            for c in entries[g]:
-                if counts[c] < t[c]:
-                    total += (t[c] - counts[c]) / t[c] + 1 / doc_freq[c]
-            gain = total / len(entries[g]) + bonus[g]
-            if best is None or gain > best[0]:
-                best = (gain, g)
-        if best is None:
-            return
-        g = best[1]
-        kept.add(g)
-        quota[g // n] -= 1
-        for c in entries[g]:
-            counts[c] += 1
-
-
-def fill_filtered(
-    lists: list[list[int]], world: int, k: int, seed: int, step: int, kept: set[int],
-    allowed: list[bool],
-) -> None:
-    """The fill with filters: passing empty, passing others, then failing, each seeded."""
-    n = len(lists) // world
-    for rank in range(world):
-        need = k - sum(1 for j in range(n) if rank * n + j in kept)
-        order = seeded_order(seed, step, len(lists), rank, n)
-        free = [j for j in order if rank * n + j not in kept]
-        groups = (
-            [j for j in free if allowed[rank * n + j] and not lists[rank * n + j]],
-            [j for j in free if allowed[rank * n + j] and lists[rank * n + j]],
-            [j for j in free if not allowed[rank * n + j]],
-        )
-        for group in groups:
-            take = group[: max(0, need)]
-            for j in take:
-                kept.add(rank * n + j)
-            need -= len(take)
-
-
 def general_dm(
     lists: list[list[int]],
     world: int,
@@ -242,14 +188,13 @@ def general_dm(
     else:
         t = targets_weighted(doc_freq, weights, b, cap)
     longest = max((len(items) for items in lists), default=0)
-    bonus = [0.0] * size
+    bonus = None
     if lam is not None and longest:
         bonus = [lam * (len(items) / longest) for items in lists]
-    allowed = allowed if allowed is not None else [True] * size
     kept: set[int] = set()
-    greedy_general(list(range(size)), distinct, t, doc_freq, cap, [k] * world, n, kept, bonus,
-                   allowed)
-    fill_filtered(lists, world, k, seed, step, kept, allowed)
+    greedy(list(range(size)), distinct, Counter(), t, doc_freq, cap, 0.0, [k] * world, n, kept,
+           bonus, allowed)
+    fill(lists, world, k, seed, step, kept, allowed)
     return to_local(kept, world, n)
 
 
@@ -277,5 +222,5 @@ def balanced(
                 race.append((float(-np.log1p(-keys[g]) / p), g))
         for _, g in sorted(race)[:k]:
             kept.add(g)
-    fill_filtered(lists, world, k, seed, step, kept, allowed)
+    fill(lists, world, k, seed, step, kept, allowed)
     return to_local(kept, world, n)
