@@ -5,12 +5,13 @@ Fixtures built on these (the sample's JPEGs, the S3 server) are in ``conftest.py
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
 import socket
 import tarfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,28 @@ def sample_subset(
         rows = [change(i, row) for i, row in enumerate(rows)]
     names = Vocabulary.load(str(SAMPLE / "train")).names
     return write_mds(out, rows, names)
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int) -> Iterator[None]:
+    """Run the body as ``rank`` of a ``world``-process gloo group on loopback, then leave it.
+
+    For workers started with ``torch.multiprocessing.start_processes``: sets the environment
+    Composer's ``dist`` reads and initialises ``torch.distributed``.
+    """
+    import os
+
+    import torch.distributed as torch_dist
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        torch_dist.destroy_process_group()
 
 
 def free_port() -> int:

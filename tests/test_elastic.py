@@ -295,18 +295,11 @@ RICH = ("s2", "s3", "s6", "s7", "s10", "s11")
 
 def _exchange_worker(rank: int, port: int, out: str) -> None:
     """One of two gloo ranks: select world-invariantly and move what changes rank."""
-    import os
-
-    import torch.distributed as torch_dist
+    from helpers import gloo_rank
 
     from cabs_streaming.algorithm import exchange_kept, select_superbatch
 
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-        NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_rank(rank, 2, port):
         mine = [s for s in samples(12) if (s["key"] in RICH) == (rank == 0)]
         batch = ConceptCollator(tokenizer=CaptionTokenizer("ViT-B-32"))(mine)
         record = select_superbatch(
@@ -322,8 +315,6 @@ def _exchange_worker(rank: int, port: int, out: str) -> None:
             for i in kept.tolist()
         ]  # fmt: skip
         torch.save({"rows": rows, "moved": record.moved, "bytes": record.moved_bytes}, out)
-    finally:
-        torch_dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -495,19 +495,12 @@ GLOO_SCORES = [0.9, 0.1, 0.8, np.nan, 0.7, 0.6, 0.2, 0.95, 0.3, 0.5, 0.4, 0.85]
 
 def _filter_worker(rank: int, port: int, outs: list[str]) -> None:
     """One of two gloo ranks: gather ids and the score column, select with filters."""
-    import os
-
     import torch
-    import torch.distributed as torch_dist
+    from helpers import gloo_rank
 
     from cabs_streaming.algorithm import select_superbatch
 
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-        NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_rank(rank, 2, port):
         mine = slice(rank * 6, rank * 6 + 6)
         offsets, ids = ragged_from_lists(GLOO_LISTS[mine])
         batch = {
@@ -523,8 +516,6 @@ def _filter_worker(rank: int, port: int, outs: list[str]) -> None:
             {"kept": record.kept.tolist(), "stats": record.result.stats, "stand_ins": stand_in},
             outs[rank],
         )
-    finally:
-        torch_dist.destroy_process_group()
 
 
 def test_filters_gather_their_column_across_gloo_ranks(tmp_path):
