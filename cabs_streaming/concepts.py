@@ -46,6 +46,22 @@ CONCEPT_DTYPE = np.dtype("<i4")
 SCORE_DTYPE = np.dtype("<f2")
 
 
+def _write_file(directory: str, filename: str, text: str) -> str:
+    """Write ``text`` as ``filename`` in a local ``directory``; returns the file path."""
+    path = os.path.join(directory, filename)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def _read_file(path: str, filename: str) -> tuple[str, str]:
+    """``(text, path)`` of a local file, or of ``filename`` in ``path`` when it is a directory."""
+    if os.path.isdir(path):
+        path = os.path.join(path, filename)
+    with open(path, encoding="utf-8") as f:
+        return f.read(), path
+
+
 def encode_concepts(ids: Iterable[int] | np.ndarray) -> bytes:
     """Encode concept ids as the little-endian int32 bytes of the ``concepts`` MDS column."""
     arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
@@ -177,18 +193,12 @@ class Vocabulary:
 
     def save(self, directory: str) -> str:
         """Write ``vocabulary.json`` into a local ``directory``; returns the file path."""
-        path = os.path.join(directory, VOCABULARY_FILENAME)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        return path
+        return _write_file(directory, VOCABULARY_FILENAME, self.to_json())
 
     @classmethod
     def load(cls, path: str) -> Vocabulary:
         """Read a local ``vocabulary.json`` (or a directory holding one)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, VOCABULARY_FILENAME)
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read(), source=path)
+        return cls.from_json(*_read_file(path, VOCABULARY_FILENAME))
 
 
 @dataclass(eq=False)
@@ -291,15 +301,9 @@ class ConceptCounts:
 
     def write(self, directory: str) -> str:
         """Write ``concept_counts.json`` into a local ``directory``; returns the file path."""
-        path = os.path.join(directory, CONCEPT_COUNTS_FILENAME)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        return path
+        return _write_file(directory, CONCEPT_COUNTS_FILENAME, self.to_json())
 
     @classmethod
     def read(cls, path: str) -> ConceptCounts:
         """Read a local ``concept_counts.json`` (or a directory holding one)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, CONCEPT_COUNTS_FILENAME)
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read(), source=path)
+        return cls.from_json(*_read_file(path, CONCEPT_COUNTS_FILENAME))
