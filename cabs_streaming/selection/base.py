@@ -326,7 +326,7 @@ def compute_stats(
         present = _kernels.count_present(sb.ids, sb.num_concepts)
     total = kept_global.shape[0]
     failed = shortfall = 0
-    allowed = kept.allowed if kept.allowed is not None else sb.allowed
+    allowed = kept.allowed  # set by the filter wrapper, which narrows its own copy of ``sb``
     if allowed is not None:
         failed = int(allowed.shape[0] - np.count_nonzero(allowed))
         shortfall = int(total - np.count_nonzero(allowed[kept_global]))

@@ -113,11 +113,6 @@ class Filtered(SelectionPolicy):
         if not self.filters:
             raise ValueError("Filtered needs at least one filter")
 
-    @property
-    def inner_name(self) -> str:
-        """The wrapped policy's name."""
-        return self.policy.name
-
     def _narrowed(self, sb: Superbatch) -> Superbatch:
         return dataclasses.replace(sb, allowed=apply_filters(sb, self.filters))
 
